@@ -1,0 +1,257 @@
+"""The shard format: one row per stock-day in Arrow/Parquet files, plus meta.json.
+
+A shard folder holds
+
+    meta.json                 what the shards are (see ``Meta``); written last
+    shards/YYYY.parquet       rows of one calendar year, sorted by (datetime, instrument)
+
+Columns of every shard: ``datetime`` (timestamp[ns]), ``instrument`` (string),
+the feature columns named in ``meta.feature_names`` (float32), ``label``
+(float32, the training target after processing) and ``ret`` (float32, the raw
+label: the realised forward return that backtests use). Extra float columns are
+allowed (the synthetic market adds ``mu_true``).
+
+Two layouts:
+- ``window``: each row already holds a T x C window (Alpha360); the feature
+  columns are ordered time-major, oldest first, so a row reshapes to (T, C).
+- ``daily``: each row holds C features of that day (Alpha158, synthetic); the
+  loader builds T-day windows from consecutive days, never storing them T times.
+
+Writes are atomic: each file is written under a temporary name and renamed, and
+meta.json, written last, is what makes a folder complete. A folder without it
+is an interrupted export, and reading it is an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+FORMAT_VERSION = 1
+META_FILE = "meta.json"
+SHARD_DIR = "shards"
+SEGMENTS = ("train", "valid", "test")
+KEY_COLUMNS = ("datetime", "instrument")
+TARGET_COLUMNS = ("label", "ret")
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file or field and what was expected."""
+
+
+@dataclass(kw_only=True)
+class Meta:
+    """What a shard folder holds. Serialised as meta.json."""
+
+    source: str  # "synthetic" or "qlib:<provider_uri>"
+    handler: str  # "Alpha360", "Alpha158", "synthetic", ...
+    market: str
+    layout: Literal["window", "daily"]
+    lookback: int  # T
+    channels: int  # C
+    feature_names: list[str]
+    label_expr: str
+    segments: dict[str, list[str]]  # name -> [first day, last day], ISO dates, inclusive
+    norm: dict[str, Any] = field(default_factory=dict)
+    rows: dict[str, int] = field(default_factory=dict)
+    days: dict[str, int] = field(default_factory=dict)
+    instruments: int = 0
+    shards: list[dict[str, Any]] = field(default_factory=list)
+    fingerprint: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def segment_range(self, name: str) -> tuple[pd.Timestamp, pd.Timestamp]:
+        if name not in self.segments:
+            raise DataError(f"meta.json: no segment '{name}' (have {sorted(self.segments)})")
+        a, b = self.segments[name]
+        return pd.Timestamp(a), pd.Timestamp(b)
+
+
+def read_meta(folder: str | Path) -> Meta:
+    folder = Path(folder)
+    path = folder / META_FILE
+    if not folder.is_dir():
+        raise DataError(f"{folder}: shard folder not found")
+    if not path.is_file():
+        raise DataError(f"{path}: missing; the folder is not a finished export (was it interrupted?)")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+    names = {f.name for f in dataclasses.fields(Meta)}
+    missing = [f.name for f in dataclasses.fields(Meta) if f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING and f.name not in raw]
+    if missing:
+        raise DataError(f"{path}: missing field(s) {missing}")
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise DataError(f"{path}: unknown field(s) {unknown}")
+    meta = Meta(**raw)
+    if meta.format_version != FORMAT_VERSION:
+        raise DataError(f"{path}: format_version {meta.format_version}, this fvae reads {FORMAT_VERSION}")
+    expect = meta.lookback * meta.channels if meta.layout == "window" else meta.channels
+    if len(meta.feature_names) != expect:
+        raise DataError(f"{path}: {len(meta.feature_names)} feature_names, layout '{meta.layout}' "
+                        f"with T={meta.lookback}, C={meta.channels} expects {expect}")
+    return meta
+
+
+def check_frame(df: pd.DataFrame, feature_names: list[str], *, where: str) -> None:
+    """Validate a stock-day frame before it becomes shards; raise one clear DataError."""
+    need = list(KEY_COLUMNS) + list(feature_names) + list(TARGET_COLUMNS)
+    missing = [c for c in need if c not in df.columns]
+    if missing:
+        raise DataError(f"{where}: missing column(s) {missing[:5]}")
+    if df.empty:
+        raise DataError(f"{where}: no rows")
+    if not pd.api.types.is_datetime64_any_dtype(df["datetime"]):
+        raise DataError(f"{where}: column 'datetime' has dtype {df['datetime'].dtype}, expected datetime64")
+    for c in list(feature_names) + list(TARGET_COLUMNS):
+        if not pd.api.types.is_float_dtype(df[c]):
+            raise DataError(f"{where}: column '{c}' has dtype {df[c].dtype}, expected float")
+    dup = df.duplicated(list(KEY_COLUMNS))
+    if dup.any():
+        row = df.loc[dup.idxmax(), list(KEY_COLUMNS)]
+        raise DataError(f"{where}: {int(dup.sum())} duplicate (datetime, instrument) rows, "
+                        f"first {row['instrument']} on {row['datetime'].date()}")
+    values = df[list(feature_names) + list(TARGET_COLUMNS)].to_numpy(dtype=np.float64, copy=False)
+    inf = np.isinf(values)
+    if inf.any():
+        col = (list(feature_names) + list(TARGET_COLUMNS))[int(np.argmax(inf.any(axis=0)))]
+        raise DataError(f"{where}: column '{col}' holds {int(inf.sum())} inf values; expected finite or NaN")
+    all_nan = np.isnan(values[:, : len(feature_names)]).all(axis=0)
+    if all_nan.any():
+        col = feature_names[int(np.argmax(all_nan))]
+        raise DataError(f"{where}: feature '{col}' is NaN on every row")
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n").encode())
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, pd.Timestamp):
+        return o.strftime("%Y-%m-%d")
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def write_shards(folder: str | Path, df: pd.DataFrame, meta: Meta) -> Meta:
+    """Write ``df`` (one row per stock-day) as yearly shards plus meta.json.
+
+    ``meta`` supplies everything but the bookkeeping fields (rows, days,
+    instruments, shards, fingerprint), which are filled in here. Returns the
+    finished Meta.
+    """
+    folder = Path(folder)
+    check_frame(df, meta.feature_names, where=str(folder))
+    extra_cols = [c for c in df.columns
+                  if c not in KEY_COLUMNS and c not in TARGET_COLUMNS and c not in set(meta.feature_names)]
+    cols = list(KEY_COLUMNS) + list(meta.feature_names) + list(TARGET_COLUMNS) + extra_cols
+    df = df[cols].sort_values(list(KEY_COLUMNS), kind="stable").reset_index(drop=True)
+    df["instrument"] = df["instrument"].astype(str)
+    for c in cols[2:]:
+        df[c] = df[c].astype(np.float32)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    meta_path = folder / META_FILE
+    if meta_path.exists():  # an interrupted rewrite must not look complete
+        meta_path.unlink()
+    shard_dir = folder / SHARD_DIR
+    shard_dir.mkdir(exist_ok=True)
+    for old in shard_dir.glob("*.parquet"):
+        old.unlink()
+
+    digest = hashlib.sha256()
+    digest.update(json.dumps([meta.layout, meta.lookback, meta.channels, meta.feature_names]).encode())
+    shards = []
+    years = df["datetime"].dt.year.to_numpy()
+    for year in np.unique(years):
+        part = df[years == year]
+        table = pa.Table.from_pandas(part, preserve_index=False)
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd", row_group_size=1 << 17)
+        data = sink.getvalue().to_pybytes()
+        name = f"{int(year)}.parquet"
+        _atomic_write_bytes(shard_dir / name, data)
+        digest.update(hashlib.sha256(data).digest())
+        shards.append({"file": f"{SHARD_DIR}/{name}",
+                       "start": part["datetime"].iloc[0].strftime("%Y-%m-%d"),
+                       "end": part["datetime"].iloc[-1].strftime("%Y-%m-%d"),
+                       "rows": int(len(part))})
+
+    meta = dataclasses.replace(meta)
+    meta.shards = shards
+    meta.fingerprint = digest.hexdigest()
+    meta.instruments = int(df["instrument"].nunique())
+    meta.rows, meta.days = {}, {}
+    for name, (a, b) in meta.segments.items():
+        seg = df[(df["datetime"] >= pd.Timestamp(a)) & (df["datetime"] <= pd.Timestamp(b))]
+        if seg.empty:
+            raise DataError(f"{folder}: segment '{name}' {a}..{b} holds no rows")
+        meta.rows[name] = int(len(seg))
+        meta.days[name] = int(seg["datetime"].nunique())
+    atomic_write_json(meta_path, dataclasses.asdict(meta))
+    return meta
+
+
+def read_rows(folder: str | Path, meta: Meta, start: pd.Timestamp, end: pd.Timestamp,
+              columns: list[str] | None = None) -> pd.DataFrame:
+    """Rows with start <= datetime <= end from the shards that overlap that range."""
+    folder = Path(folder)
+    parts = []
+    for s in meta.shards:
+        if pd.Timestamp(s["end"]) < start or pd.Timestamp(s["start"]) > end:
+            continue
+        path = folder / s["file"]
+        if not path.is_file():
+            raise DataError(f"{path}: shard listed in meta.json is missing")
+        try:
+            table = pq.read_table(path, columns=columns)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(f"{path}: unreadable shard ({e})") from None
+        if table.num_rows != s["rows"]:
+            raise DataError(f"{path}: {table.num_rows} rows, meta.json says {s['rows']}")
+        parts.append(table.to_pandas())
+    if not parts:
+        return pd.DataFrame(columns=columns or [])
+    df = pd.concat(parts, ignore_index=True)
+    return df[(df["datetime"] >= start) & (df["datetime"] <= end)].reset_index(drop=True)
+
+
+def verify_fingerprint(folder: str | Path, meta: Meta) -> None:
+    """Recompute the content fingerprint and raise if a shard changed since export."""
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    digest.update(json.dumps([meta.layout, meta.lookback, meta.channels, meta.feature_names]).encode())
+    for s in meta.shards:
+        digest.update(hashlib.sha256((folder / s["file"]).read_bytes()).digest())
+    if digest.hexdigest() != meta.fingerprint:
+        raise DataError(f"{folder}: content fingerprint differs from meta.json; shards changed after export")
