@@ -1,0 +1,220 @@
+"""The day loader: a cached day x stock panel, non-overlapping day batches, rank shards.
+
+One sample is one trading day's whole cross-section. A segment is read from
+the shards once into dense tensors (on the CPU, or on the GPU when training
+there); a batch is then a gather, with no file I/O per step:
+
+    x (B, N, T, C)   features of the B days' windows, N = most real stocks on any of the B days
+    y (B, N)         processed label (cross-sectional rank-normalised)
+    mask (B, N)      True for real stocks; padded entries of x and y are 0
+
+Non-overlapping batching: day d's window covers days d-T+1..d. Grouping days by
+d mod T and cutting each group into runs gives batches whose days are exactly T
+apart, so their windows never overlap, and every day lands in exactly one batch
+per epoch. Any subsampling of days (``day_fraction`` < 1) is explicit and
+reported, never a side effect of batching.
+
+Data-parallel sharding: each global batch is split across ranks (rank r takes
+days r, r+W, ...), so every rank runs the same number of steps and the ranks'
+days are disjoint. A rank whose share is empty gets a stand-in day with weight 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from fvae.data.shards import DataError, Meta, read_meta, read_rows
+
+
+@dataclass(kw_only=True)
+class LoaderConfig:
+    batch_days: int = 32  # B: trading days per global batch
+    non_overlap: bool = True  # days of a batch have disjoint lookback windows
+    day_fraction: float = 1.0  # < 1 trains on a random share of days each epoch (reported)
+    handler: str | None = None  # if set, the shard folder must hold this feature set
+
+    def __post_init__(self) -> None:
+        if self.batch_days < 1:
+            raise ValueError(f"data.batch_days: expected >= 1, got {self.batch_days}")
+        if not 0.0 < self.day_fraction <= 1.0:
+            raise ValueError(f"data.day_fraction: expected 0 < value <= 1, got {self.day_fraction}")
+
+
+@dataclass
+class Batch:
+    x: torch.Tensor  # (B, N, T, C)
+    y: torch.Tensor  # (B, N)
+    mask: torch.Tensor  # (B, N) bool
+    ret: torch.Tensor  # (B, N) raw forward return
+    day: torch.Tensor  # (B,) index into Panel.dates
+    stock: torch.Tensor  # (B, N) index into Panel.instruments
+    weight: torch.Tensor  # (B,) 1 for real days, 0 for a rank's stand-in day
+
+
+@dataclass
+class Panel:
+    """One segment as dense tensors. ``feat`` is (H + D, N, C) for the daily layout,
+    with H = T - 1 days of history before the segment, or (D, N, T*C) for the window layout."""
+
+    name: str
+    layout: str
+    lookback: int  # T
+    channels: int  # C
+    dates: pd.DatetimeIndex  # (D,)
+    instruments: np.ndarray  # (N,)
+    feat: torch.Tensor
+    label: torch.Tensor  # (D, N)
+    ret: torch.Tensor  # (D, N)
+    valid: torch.Tensor  # (D, N) bool
+    history: int = 0  # H
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # (D, N) extra columns
+
+    @property
+    def num_days(self) -> int:
+        return len(self.dates)
+
+    def to(self, device: torch.device | str) -> Panel:
+        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        return Panel(name=self.name, layout=self.layout, lookback=self.lookback, channels=self.channels,
+                     dates=self.dates, instruments=self.instruments, feat=move(self.feat),
+                     label=move(self.label), ret=move(self.ret), valid=move(self.valid),
+                     history=self.history, extra={k: move(v) for k, v in self.extra.items()})
+
+    def batch(self, days: np.ndarray | torch.Tensor, weight: np.ndarray | torch.Tensor | None = None) -> Batch:
+        dev = self.feat.device
+        day = torch.as_tensor(np.asarray(days), dtype=torch.long, device=dev)  # (B,)
+        valid = self.valid[day]  # (B, Nall)
+        count = valid.sum(1)  # (B,)
+        n = max(int(count.max().item()), 1)
+        # real stocks first, in panel order; stable so the layout is deterministic
+        stock = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, :n]  # (B, N)
+        mask = torch.arange(n, device=dev)[None, :] < count[:, None]  # (B, N)
+        if self.layout == "daily":
+            T = self.lookback
+            tidx = day[:, None] + self.history + torch.arange(-T + 1, 1, device=dev)[None, :]  # (B, T)
+            x = self.feat[tidx[:, :, None], stock[:, None, :]]  # (B, T, N, C)
+            x = x.permute(0, 2, 1, 3)  # (B, N, T, C)
+        else:
+            x = self.feat[day[:, None], stock].view(len(day), n, self.lookback, self.channels)  # (B, N, T, C)
+        rows = day[:, None]
+        y = torch.where(mask, self.label[rows, stock], 0.0)
+        ret = torch.where(mask, self.ret[rows, stock], 0.0)
+        x = x * mask[:, :, None, None]
+        w = torch.ones(len(day), device=dev) if weight is None else torch.as_tensor(
+            np.asarray(weight), dtype=torch.float32, device=dev)
+        return Batch(x=x.contiguous(), y=y, mask=mask, ret=ret, day=day, stock=stock, weight=w)
+
+
+def load_panel(folder: str | Path, segment: str, *, meta: Meta | None = None,
+               handler: str | None = None, extra_columns: tuple[str, ...] = ()) -> Panel:
+    """Read one segment of a shard folder into a Panel (on the CPU)."""
+    folder = Path(folder)
+    meta = meta or read_meta(folder)
+    if handler is not None and meta.handler != handler:
+        raise DataError(f"{folder}: shards hold handler '{meta.handler}' features, "
+                        f"but data.handler asks for '{handler}'")
+    start, end = meta.segment_range(segment)
+    T, C = meta.lookback, meta.channels
+    history = T - 1 if meta.layout == "daily" else 0
+    # enough calendar days to hold T-1 trading days before the segment
+    read_from = start - pd.Timedelta(days=int(history * 2 + 14)) if history else start
+    cols = ["datetime", "instrument", *meta.feature_names, "label", "ret", *extra_columns]
+    df = read_rows(folder, meta, read_from, end, columns=cols)
+    seg = df["datetime"] >= start
+    if not seg.any():
+        raise DataError(f"{folder}: segment '{segment}' ({start.date()}..{end.date()}) holds no rows")
+
+    seg_dates = pd.DatetimeIndex(np.unique(df.loc[seg, "datetime"].to_numpy()))
+    hist_dates = pd.DatetimeIndex(np.unique(df.loc[~seg, "datetime"].to_numpy()))[-history:] if history else \
+        pd.DatetimeIndex([])
+    all_dates = hist_dates.append(seg_dates)
+    instruments = np.unique(df.loc[seg, "instrument"].to_numpy().astype(str))
+    df = df[df["datetime"] >= (all_dates[0] if len(all_dates) else start)]
+    df = df[df["instrument"].isin(instruments)]
+    di = all_dates.get_indexer(pd.DatetimeIndex(df["datetime"]))
+    si = np.searchsorted(instruments, df["instrument"].to_numpy().astype(str))
+    Dall, D, N = len(all_dates), len(seg_dates), len(instruments)
+    H = Dall - D
+
+    width = C if meta.layout == "daily" else T * C
+    feat = np.zeros((Dall if meta.layout == "daily" else D, N, width), dtype=np.float32)
+    values = df[meta.feature_names].to_numpy(dtype=np.float32)
+    if meta.layout == "daily":
+        feat[di, si] = values
+    else:
+        feat[di - H, si] = values
+    if not np.isfinite(feat).all():
+        raise DataError(f"{folder}: segment '{segment}' features hold NaN or inf after processing; "
+                        "re-export the shards")
+
+    in_seg = di >= H
+    d, s = di[in_seg] - H, si[in_seg]
+
+    def dense(col: str) -> np.ndarray:
+        out = np.full((D, N), np.nan, dtype=np.float32)
+        out[d, s] = df[col].to_numpy(dtype=np.float32)[in_seg]
+        return out
+
+    label, ret = dense("label"), dense("ret")
+    valid = np.isfinite(label) & np.isfinite(ret)
+    if not valid.any():
+        raise DataError(f"{folder}: segment '{segment}' has no finite labels")
+    extra = {c: torch.from_numpy(np.nan_to_num(dense(c))) for c in extra_columns}
+    return Panel(name=segment, layout=meta.layout, lookback=T, channels=C, dates=seg_dates,
+                 instruments=instruments, feat=torch.from_numpy(feat),
+                 label=torch.from_numpy(np.nan_to_num(label)), ret=torch.from_numpy(np.nan_to_num(ret)),
+                 valid=torch.from_numpy(valid), history=H, extra=extra)
+
+
+def epoch_batches(num_days: int, *, batch_days: int, lookback: int, non_overlap: bool = True,
+                  shuffle: bool = True, seed: int = 0, epoch: int = 0,
+                  day_fraction: float = 1.0) -> list[np.ndarray]:
+    """Global batches of day indices for one epoch; every kept day appears exactly once.
+
+    With ``non_overlap``, days within a batch are at least ``lookback`` apart.
+    The result is a function of (seed, epoch), identical on every rank.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    days = np.arange(num_days)
+    if day_fraction < 1.0:
+        keep = max(1, int(round(num_days * day_fraction)))
+        days = np.sort(rng.choice(days, size=keep, replace=False))
+    if not shuffle:
+        return [days[i:i + batch_days] for i in range(0, len(days), batch_days)]
+    batches: list[np.ndarray] = []
+    if non_overlap and lookback > 1:
+        offset = int(rng.integers(lookback))  # so runs start at a different phase each epoch
+        for r in range(lookback):
+            group = days[(days + offset) % lookback == r]  # consecutive members are >= T apart
+            # days are a subsample when day_fraction < 1; runs stay >= T apart either way
+            start = int(rng.integers(batch_days)) if len(group) > batch_days else 0
+            cuts = [0, *range(start or batch_days, len(group), batch_days), len(group)]
+            batches += [group[a:b] for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+    else:
+        perm = rng.permutation(days)
+        batches = [np.sort(perm[i:i + batch_days]) for i in range(0, len(perm), batch_days)]
+    order = rng.permutation(len(batches))
+    return [batches[i] for i in order]
+
+
+def shard_batches(batches: list[np.ndarray], *, rank: int, world_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """This rank's (days, weights) for each global batch: equal step counts on every rank.
+
+    Rank r takes days r, r+W, ... of each batch; an empty share becomes the batch's first
+    day with weight 0, so the rank still runs the step (DDP needs every rank in each all-reduce).
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world_size {world_size}")
+    out = []
+    for b in batches:
+        mine = b[rank::world_size]
+        if len(mine) == 0:
+            out.append((b[:1], np.zeros(1, dtype=np.float32)))
+        else:
+            out.append((mine, np.ones(len(mine), dtype=np.float32)))
+    return out
