@@ -122,7 +122,7 @@ def check_frame(df: pd.DataFrame, feature_names: list[str], *, where: str) -> No
             raise DataError(f"{where}: column '{c}' has dtype {df[c].dtype}, expected float")
     dup = df.duplicated(list(KEY_COLUMNS))
     if dup.any():
-        row = df.loc[dup.idxmax(), list(KEY_COLUMNS)]
+        row = df.iloc[int(np.argmax(dup.to_numpy()))]
         raise DataError(f"{where}: {int(dup.sum())} duplicate (datetime, instrument) rows, "
                         f"first {row['instrument']} on {row['datetime'].date()}")
     values = df[list(feature_names) + list(TARGET_COLUMNS)].to_numpy(dtype=np.float64, copy=False)

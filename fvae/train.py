@@ -1,0 +1,608 @@
+"""Training: one loop, run standalone or as Ray Train's ``train_loop_per_worker``.
+
+    python -m fvae.train --data DIR --out RUN_DIR [--config FILE] [--set key=value ...]
+                         [--workers N] [--gpu] [--resume]
+
+The loop (``fit``) only knows torch and torch.distributed. Standalone it runs in
+this process; with ``--workers N`` the driver builds a Ray Train TorchTrainer whose
+workers call the same ``fit`` (DDP: NCCL on GPU, gloo on CPU). Ray is imported in
+the marked section at the bottom only.
+
+RUN_DIR receives:
+    config.yaml               the resolved config (re-runnable with --config)
+    checkpoints/last/         state.pt: model, optimizer, schedule, epoch, RNG, config, data fingerprint
+    best.pt                   best-epoch weights by validation Rank ICIR, with config and fingerprint
+    tb/                       TensorBoard scalars per epoch and an hparams record
+    pred_{valid,test}.parquet (datetime, instrument) -> score, sigma, beta_k: one row per stock-day
+    pred_{valid,test}.pkl     the same scores in qlib's pred.pkl layout
+    factors_{valid,test}.parquet  per-day prior factor distribution (mu_z_k, sigma_z_k)
+    metrics.json              ic, icir, rank_ic, rank_icir for valid and test, plus the epoch history
+    curves.png                training curves
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Protocol
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+
+from fvae import config as fconfig
+from fvae.data.loader import LoaderConfig, Panel, epoch_batches, load_panel, shard_batches
+from fvae.data.shards import DataError, Meta, atomic_write_json, read_meta
+from fvae.metrics import daily_ic, daily_rank_ic, summarize
+from fvae.model import FactorVAE, ModelConfig
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    epochs: int = 30
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = 0
+    grad_clip: float = 1.0  # max global grad norm, applied before the optimizer step; 0 = off
+    patience: int = 5  # epochs without a better validation Rank ICIR before stopping; 0 = off
+    seed: int = 0
+    bf16: bool = False  # autocast to bfloat16 on the GPU
+    compile: bool = False  # torch.compile the model
+    eval_batch_days: int = 64
+    nonfinite: Literal["skip", "raise"] = "skip"  # what a NaN/inf loss does to its step
+    max_skipped_fraction: float = 0.25  # more skipped steps than this in an epoch is an error
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"train.epochs: expected >= 1, got {self.epochs}")
+        if self.lr <= 0:
+            raise ValueError(f"train.lr: expected > 0, got {self.lr}")
+        if self.patience < 0 or self.grad_clip < 0:
+            raise ValueError("train.patience and train.grad_clip: expected >= 0")
+
+
+@dataclass(kw_only=True)
+class Config:
+    data: LoaderConfig = field(default_factory=LoaderConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+DEBUG_PRESET = [  # trains in seconds on a tiny synthetic market; used by tests and `--set` examples
+    "model.hidden_size=16", "model.num_factors=4", "model.num_portfolios=8",
+    "train.epochs=2", "data.batch_days=16",
+]
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss went NaN/inf (with train.nonfinite=raise, or too often with skip)."""
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class Dist:
+    """Where this process sits: rank, world size, device."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        return t
+
+
+class Reporter(Protocol):
+    def __call__(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None: ...
+
+
+def _seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+
+
+def build_model(cfg: Config, num_features: int) -> FactorVAE:
+    return FactorVAE(cfg.model, num_features=num_features)
+
+
+def _lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))  # cosine to 5 % of lr
+
+    return f
+
+
+@torch.no_grad()
+def predict_panel(model: FactorVAE, panel: Panel, *, days: np.ndarray | None = None, batch_days: int = 64,
+                  bf16: bool = False) -> dict[str, torch.Tensor]:
+    """Prediction for every (day, stock) of ``panel`` (or of ``days``), as dense (D, N) tensors."""
+    model.eval()
+    D, N = panel.num_days, len(panel.instruments)
+    dev = panel.feat.device
+    K = model.cfg.num_factors
+    out = {"mu": torch.zeros(D, N, device=dev), "sigma": torch.zeros(D, N, device=dev),
+           "sigma_alpha": torch.zeros(D, N, device=dev), "beta": torch.zeros(D, N, K, device=dev),
+           "mu_z": torch.zeros(D, K, device=dev), "sigma_z": torch.zeros(D, K, device=dev)}
+    days = np.arange(D) if days is None else days
+    for i in range(0, len(days), batch_days):
+        b = panel.batch(days[i:i + batch_days])
+        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=bf16 and dev.type == "cuda"):
+            p = model.predict(b.x, b.mask)
+        rows = b.day[:, None].expand_as(b.stock)
+        m = b.mask
+        out["mu"][rows[m], b.stock[m]] = p.mu[m].float()
+        out["sigma"][rows[m], b.stock[m]] = p.sigma[m].float()
+        out["sigma_alpha"][rows[m], b.stock[m]] = p.sigma_alpha[m].float()
+        out["beta"][rows[m], b.stock[m]] = p.beta[m].float()
+        out["mu_z"][b.day] = p.mu_z.float()
+        out["sigma_z"][b.day] = p.sigma_z.float()
+    return out
+
+
+def evaluate_panel(model: FactorVAE, panel: Panel, d: Dist, *, batch_days: int, bf16: bool = False) -> dict:
+    """Valid/test metrics over ALL days of the panel, each rank scoring its share of days."""
+    mine = np.arange(panel.num_days)[d.rank::d.world_size]
+    pred = predict_panel(model, panel, days=mine, batch_days=batch_days, bf16=bf16)["mu"]
+    D = panel.num_days
+    idx = torch.as_tensor(mine, device=panel.feat.device, dtype=torch.long)
+    ic = torch.zeros(D, dtype=torch.float64, device=panel.feat.device)
+    ric = torch.zeros_like(ic)
+    defined = torch.zeros_like(ic)
+    if len(mine):
+        v = panel.valid[idx]
+        a = daily_ic(pred[idx], panel.ret[idx], v)
+        r = daily_rank_ic(pred[idx], panel.ret[idx], v)
+        ok = torch.isfinite(a) & torch.isfinite(r)
+        ic[idx] = torch.where(ok, a, 0.0)
+        ric[idx] = torch.where(ok, r, 0.0)
+        defined[idx] = ok.double()
+    covered = torch.zeros_like(ic)
+    covered[idx] = 1.0
+    for t in (ic, ric, defined, covered):
+        d.all_reduce(t)
+    nan = torch.full_like(ic, math.nan)
+    res = summarize(torch.where(defined > 0, ic, nan), torch.where(defined > 0, ric, nan))
+    res["days_covered"] = int(covered.sum().item())
+    return res
+
+
+def _save_state(path: Path, state: dict[str, Any]) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / f".state.pt.tmp-{os.getpid()}"
+    torch.save(state, tmp)
+    tmp.replace(path / "state.pt")
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    f = path / "state.pt" if path.is_dir() else path
+    if not f.is_file():
+        raise FileNotFoundError(f"{f}: no checkpoint there")
+    return torch.load(f, map_location="cpu", weights_only=False)
+
+
+def fit(cfg: Config, *, data: Path, out: Path, d: Dist, report: Reporter | None = None,
+        resume: dict[str, Any] | None = None,
+        on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
+        write_outputs: bool = True) -> dict[str, Any]:
+    """Train, early-stop on validation Rank ICIR, write outputs on rank 0. Returns metrics.
+
+    ``report(metrics, checkpoint_dir)`` is called once per epoch on every rank (rank 0
+    passes the checkpoint folder; the others pass None). ``resume`` is a state dict from a
+    checkpoint to continue from.
+    """
+    data, out = Path(data), Path(out)
+    meta = read_meta(data)
+    tcfg = cfg.train
+    if resume is not None and resume.get("fingerprint") != meta.fingerprint:
+        raise DataError(f"{data}: content fingerprint differs from the checkpoint's; "
+                        "resume with the data it was trained on")
+
+    _seed_all(tcfg.seed)
+    train_p = load_panel(data, "train", meta=meta, handler=cfg.data.handler).to(d.device)
+    valid_p = load_panel(data, "valid", meta=meta, handler=cfg.data.handler).to(d.device)
+    model = build_model(cfg, meta.channels).to(d.device)
+    net: torch.nn.Module = model
+    if d.world_size > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    step_fn = torch.compile(net) if tcfg.compile else net
+
+    optim = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    probe = epoch_batches(train_p.num_days, batch_days=cfg.data.batch_days, lookback=train_p.lookback,
+                          non_overlap=cfg.data.non_overlap, seed=tcfg.seed, epoch=0,
+                          day_fraction=cfg.data.day_fraction)
+    total_steps = len(probe) * tcfg.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, _lr_lambda(tcfg, total_steps))
+
+    start_epoch, history = 0, []
+    best = {"rank_icir": -math.inf, "epoch": -1}
+    best_state: dict[str, torch.Tensor] | None = None
+    bad_epochs = 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optim.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        start_epoch = resume["epoch"] + 1
+        history = resume["history"]
+        best, bad_epochs, best_state = resume["best"], resume["bad_epochs"], resume["best_model"]
+        torch.set_rng_state(resume["rng"]["torch"])
+        if d.device.type == "cuda" and resume["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(resume["rng"]["cuda"], d.device)
+
+    writer = _TensorBoard(out / "tb", cfg) if d.is_main and write_outputs else None
+    if d.is_main:
+        fconfig.dump(cfg, out / "config.yaml")
+        frac = cfg.data.day_fraction
+        print(f"[fvae] train {train_p.num_days} days x {len(train_p.instruments)} stocks, "
+              f"valid {valid_p.num_days} days; {len(probe)} steps/epoch of {cfg.data.batch_days} days"
+              f"{' (non-overlapping)' if cfg.data.non_overlap else ''}"
+              f"{f'; day_fraction={frac}: {frac:.0%} of training days per epoch' if frac < 1 else ''}; "
+              f"world_size={d.world_size}, device={d.device}", flush=True)
+
+    stopped_early = False
+    epoch = start_epoch - 1
+    for epoch in range(start_epoch, tcfg.epochs):
+        if tcfg.patience and bad_epochs >= tcfg.patience:
+            stopped_early = True
+            break
+        t0 = time.time()
+        model.train()
+        batches = epoch_batches(train_p.num_days, batch_days=cfg.data.batch_days, lookback=train_p.lookback,
+                                non_overlap=cfg.data.non_overlap, seed=tcfg.seed, epoch=epoch,
+                                day_fraction=cfg.data.day_fraction)
+        sums = torch.zeros(4, dtype=torch.float64, device=d.device)  # loss, nll, kl, days
+        skipped = 0
+        for global_days, (days, weight) in zip(batches, shard_batches(batches, rank=d.rank, world_size=d.world_size)):
+            b = train_p.batch(days, weight)
+            with torch.autocast(device_type=d.device.type, dtype=torch.bfloat16,
+                                enabled=tcfg.bf16 and d.device.type == "cuda"):
+                parts = step_fn(b.x, b.y, b.mask)
+            # mean over the global batch's days: DDP averages gradients over ranks, hence * W / B
+            scale = d.world_size / len(global_days)
+            loss = (parts.loss.float() * b.weight).sum() * scale
+            bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=d.device)
+            d.all_reduce(bad, op="max")
+            if bad.item() > 0:
+                if tcfg.nonfinite == "raise":
+                    raise NonFiniteLossError(f"epoch {epoch}: loss is {loss.item()} (train.nonfinite=raise)")
+                skipped += 1
+                optim.zero_grad(set_to_none=True)
+                sched.step()
+                continue
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            if tcfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+            optim.step()
+            sched.step()
+            with torch.no_grad():
+                w = b.weight
+                sums += torch.stack([(parts.loss.float() * w).sum(), (parts.nll.float() * w).sum(),
+                                     (parts.kl.float() * w).sum(), w.sum()]).double()
+        d.all_reduce(sums)
+        if skipped > tcfg.max_skipped_fraction * len(batches):
+            raise NonFiniteLossError(f"epoch {epoch}: {skipped} of {len(batches)} steps had a non-finite loss "
+                                     f"(more than train.max_skipped_fraction={tcfg.max_skipped_fraction})")
+        n = max(sums[3].item(), 1.0)
+        val = evaluate_panel(model, valid_p, d, batch_days=tcfg.eval_batch_days, bf16=tcfg.bf16)
+        row = {"epoch": epoch, "loss": sums[0].item() / n, "nll": sums[1].item() / n, "kl": sums[2].item() / n,
+               "lr": optim.param_groups[0]["lr"], "skipped_steps": skipped, "steps": len(batches),
+               "train_days": int(n), "seconds": time.time() - t0,
+               **{f"valid_{k}": v for k, v in val.items()}}
+        score = val["rank_icir"] if math.isfinite(val["rank_icir"]) else -math.inf
+        if score > best["rank_icir"]:
+            best = {"rank_icir": score, "epoch": epoch}
+            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            bad_epochs = 0
+        else:
+            bad_epochs += 1
+        row["best_valid_rank_icir"] = best["rank_icir"]
+        history.append(row)
+
+        ckpt_dir = None
+        if d.is_main:
+            state = {"model": model.state_dict(), "optimizer": optim.state_dict(), "scheduler": sched.state_dict(),
+                     "epoch": epoch, "config": fconfig.to_dict(cfg), "fingerprint": meta.fingerprint,
+                     "num_features": meta.channels, "history": history, "best": best, "bad_epochs": bad_epochs,
+                     "best_model": best_state,
+                     "rng": {"torch": torch.get_rng_state(),
+                             "cuda": torch.cuda.get_rng_state(d.device) if d.device.type == "cuda" else None}}
+            ckpt_dir = out / "checkpoints" / "last"
+            _save_state(ckpt_dir, state)
+            if writer:
+                writer.epoch(row)
+            print(f"[fvae] epoch {epoch + 1}/{tcfg.epochs} loss {row['loss']:.4f} (nll {row['nll']:.4f} "
+                  f"kl {row['kl']:.4f}) valid IC {val['ic']:.4f} RankIC {val['rank_ic']:.4f} "
+                  f"RankICIR {val['rank_icir']:.3f} [{row['seconds']:.1f}s"
+                  f"{f', {skipped} skipped' if skipped else ''}]", flush=True)
+        if report is not None:
+            report(row, ckpt_dir)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, row)
+
+    if tcfg.patience and bad_epochs >= tcfg.patience:
+        stopped_early = True
+    result = {"history": history, "best_epoch": best["epoch"], "stopped_early": stopped_early,
+              "epochs_run": len(history)}
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    if d.is_main and write_outputs:
+        result.update(write_run_outputs(model, cfg, meta, data=data, out=out, history=history, best=best,
+                                        device=d.device))
+        if writer:
+            writer.close(result)
+    return result
+
+
+def write_run_outputs(model: FactorVAE, cfg: Config, meta: Meta, *, data: Path, out: Path,
+                      history: list[dict], best: dict, device: torch.device) -> dict[str, Any]:
+    """best.pt, predictions, metrics.json and curves.png for a finished run."""
+    torch.save({"model": model.state_dict(), "config": fconfig.to_dict(cfg), "fingerprint": meta.fingerprint,
+                "num_features": meta.channels, "best": best}, out / ".best.pt.tmp")
+    (out / ".best.pt.tmp").replace(out / "best.pt")
+    metrics: dict[str, Any] = {}
+    for seg in ("valid", "test"):
+        if seg not in meta.segments:
+            continue
+        panel = load_panel(data, seg, meta=meta, handler=cfg.data.handler).to(device)
+        pred = predict_panel(model, panel, batch_days=cfg.train.eval_batch_days, bf16=cfg.train.bf16)
+        res = summarize(daily_ic(pred["mu"], panel.ret, panel.valid), daily_rank_ic(pred["mu"], panel.ret, panel.valid))
+        metrics[seg] = res
+        write_predictions(out, seg, panel, pred)
+    metrics.update({"best_epoch": best["epoch"], "epochs_run": len(history), "history": history,
+                    "data": str(data), "fingerprint": meta.fingerprint})
+    if "ceiling_rank_ic" in meta.extra:
+        metrics["ceiling_rank_ic"] = meta.extra["ceiling_rank_ic"]
+    atomic_write_json(out / "metrics.json", metrics)
+    _plot_curves(history, out / "curves.png")
+    print(f"[fvae] valid RankIC {metrics['valid']['rank_ic']:.4f} RankICIR {metrics['valid']['rank_icir']:.3f}"
+          + (f" | test RankIC {metrics['test']['rank_ic']:.4f} RankICIR {metrics['test']['rank_icir']:.3f}"
+             if "test" in metrics else "") + f" -> {out}", flush=True)
+    return {k: metrics[k] for k in ("valid", "test") if k in metrics}
+
+
+def write_predictions(out: Path, seg: str, panel: Panel, pred: dict[str, torch.Tensor]) -> None:
+    valid = panel.valid.cpu().numpy()
+    dd, nn = np.nonzero(valid)
+    K = pred["beta"].shape[-1]
+    df = pd.DataFrame({"datetime": panel.dates[dd], "instrument": panel.instruments[nn],
+                       "score": pred["mu"].cpu().numpy()[dd, nn],
+                       "sigma": pred["sigma"].cpu().numpy()[dd, nn],
+                       "sigma_alpha": pred["sigma_alpha"].cpu().numpy()[dd, nn],
+                       "label": panel.ret.cpu().numpy()[dd, nn]})
+    beta = pred["beta"].cpu().numpy()[dd, nn]
+    for k in range(K):
+        df[f"beta_{k}"] = beta[:, k]
+    tmp = out / f".pred_{seg}.parquet.tmp"
+    df.to_parquet(tmp, index=False)
+    tmp.replace(out / f"pred_{seg}.parquet")
+    qlib_pred = df.set_index(["datetime", "instrument"])[["score"]]
+    qlib_pred.to_pickle(out / f".pred_{seg}.pkl.tmp")
+    (out / f".pred_{seg}.pkl.tmp").replace(out / f"pred_{seg}.pkl")
+    fz = pd.DataFrame({"datetime": panel.dates})
+    mu_z, sigma_z = pred["mu_z"].cpu().numpy(), pred["sigma_z"].cpu().numpy()
+    for k in range(K):
+        fz[f"mu_z_{k}"] = mu_z[:, k]
+        fz[f"sigma_z_{k}"] = sigma_z[:, k]
+    fz.to_parquet(out / f".factors_{seg}.parquet.tmp", index=False)
+    (out / f".factors_{seg}.parquet.tmp").replace(out / f"factors_{seg}.parquet")
+
+
+def _plot_curves(history: list[dict], path: Path) -> None:
+    if not history:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [h["epoch"] + 1 for h in history]
+    fig, ax = plt.subplots(1, 3, figsize=(13, 3.4))
+    ax[0].plot(ep, [h["nll"] for h in history], label="NLL")
+    ax[0].plot(ep, [h["kl"] for h in history], label="KL")
+    ax[0].set_title("training loss parts")
+    ax[0].legend()
+    ax[1].plot(ep, [h["valid_rank_ic"] for h in history], label="Rank IC")
+    ax[1].plot(ep, [h["valid_ic"] for h in history], label="IC")
+    ax[1].set_title("validation IC")
+    ax[1].legend()
+    ax[2].plot(ep, [h["valid_rank_icir"] for h in history])
+    ax[2].set_title("validation Rank ICIR")
+    for a in ax:
+        a.set_xlabel("epoch")
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+class _TensorBoard:
+    """Per-epoch scalars plus an hparams record whose metrics are the validation scalars."""
+
+    METRICS = ("valid/rank_icir", "valid/rank_ic", "valid/ic", "valid/icir")
+
+    def __init__(self, logdir: Path, cfg: Config) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard.summary import hparams
+
+        self.w = SummaryWriter(log_dir=str(logdir))
+        hp = {}
+        for section in ("model", "train", "data"):
+            for k, v in fconfig.to_dict(getattr(cfg, section)).items():
+                if isinstance(v, (bool, int, float, str)):
+                    hp[f"{section}.{k}"] = v
+        exp, ssi, self._sei = hparams(hp, {m: 0.0 for m in self.METRICS})
+        self.w.file_writer.add_summary(exp)
+        self.w.file_writer.add_summary(ssi)
+        self.w.flush()
+
+    def epoch(self, row: dict) -> None:
+        e = row["epoch"] + 1
+        for k in ("loss", "nll", "kl"):
+            self.w.add_scalar(f"train/{k}", row[k], e)
+        self.w.add_scalar("train/lr", row["lr"], e)
+        for m in self.METRICS:
+            v = row[m.replace("/", "_")]
+            if math.isfinite(v):
+                self.w.add_scalar(m, v, e)
+        self.w.flush()
+
+    def close(self, result: dict) -> None:
+        for seg in ("test",):
+            if seg in result:
+                for k in ("ic", "rank_ic", "icir", "rank_icir"):
+                    v = result[seg][k]
+                    if math.isfinite(v):
+                        self.w.add_scalar(f"{seg}/{k}", v, result["epochs_run"])
+        self.w.file_writer.add_summary(self._sei)
+        self.w.close()
+
+
+# --------------------------------------------------------------------------- standalone entry
+
+
+def run_standalone(cfg: Config, *, data: Path, out: Path, gpu: bool = False, resume: bool = False,
+                   on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    if gpu and not torch.cuda.is_available():
+        raise RuntimeError("--gpu: no CUDA device is visible")
+    device = torch.device("cuda", 0) if gpu else torch.device("cpu")
+    out.mkdir(parents=True, exist_ok=True)
+    state = None
+    if resume:
+        last = out / "checkpoints" / "last"
+        if (last / "state.pt").is_file():
+            state = load_state(last)
+            print(f"[fvae] resuming from {last} after epoch {state['epoch'] + 1}", flush=True)
+        else:
+            print(f"[fvae] --resume: no checkpoint in {last}, starting fresh", flush=True)
+    return fit(cfg, data=data, out=out, d=Dist(device=device), resume=state, on_epoch_end=on_epoch_end)
+
+
+def load_config(path: str | Path | None, overrides: list[str]) -> Config:
+    return fconfig.load(Config, path=path, overrides=overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m fvae.train", description="Train FactorVAE on a shard folder.")
+    p.add_argument("--data", type=Path, required=True, help="shard folder (python -m fvae.data ...)")
+    p.add_argument("--out", type=Path, required=True, help="run directory")
+    p.add_argument("--config", type=Path, default=None, help="YAML with data/model/train sections")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--debug", action="store_true", help="tiny preset that trains in seconds")
+    p.add_argument("--workers", type=int, default=0, help="N > 0 runs Ray Train data-parallel with N workers")
+    p.add_argument("--gpu", action="store_true", help="train on GPU(s)")
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR's last checkpoint")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: start a local one)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, (DEBUG_PRESET if args.debug else []) + args.overrides)
+        if args.workers > 0:
+            run_ray(cfg, data=args.data, out=args.out, workers=args.workers, gpu=args.gpu,
+                    address=args.address, resume=args.resume)
+        else:
+            run_standalone(cfg, data=args.data, out=args.out, gpu=args.gpu, resume=args.resume)
+    except (fconfig.ConfigError, DataError, NonFiniteLossError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# --------------------------------------------------------------------------- Ray Train (the only Ray calls)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker: the same ``fit``, reporting each epoch through ray.train.report."""
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    device = ray.train.torch.get_device()
+    cfg = fconfig.from_dict(Config, config["cfg"])
+    out = Path(config["out"])
+    resume = None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as path:
+            resume = load_state(Path(path))
+    elif config.get("resume") and (out / "checkpoints" / "last" / "state.pt").is_file():
+        resume = load_state(out / "checkpoints" / "last")
+
+    def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        clean = {k: (v if not (isinstance(v, float) and not math.isfinite(v)) else None) for k, v in metrics.items()}
+        clean = {k: v for k, v in clean.items() if v is not None}
+        if checkpoint_dir is not None:
+            ray.train.report(clean, checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint_dir)))
+        else:
+            ray.train.report(clean)
+
+    fit(cfg, data=Path(config["data"]), out=out,
+        d=Dist(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(), device=device),
+        report=report, resume=resume, write_outputs=config.get("write_outputs", True))
+
+
+def make_trainer(cfg: Config, *, data: Path, out: Path, workers: int, gpu: bool, storage_path: str,
+                 name: str, callbacks: list | None = None, resources_per_worker: dict | None = None,
+                 resume: bool = False, max_failures: int = 0):
+    """A TorchTrainer that runs ``train_loop_per_worker`` on ``workers`` DDP ranks."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": fconfig.to_dict(cfg), "data": str(Path(data).resolve()),
+                           "out": str(Path(out).resolve()), "resume": resume},
+        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu,
+                                     resources_per_worker=resources_per_worker),
+        run_config=RunConfig(name=name, storage_path=storage_path, callbacks=callbacks,
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             failure_config=FailureConfig(max_failures=max_failures)),
+    )
+
+
+def run_ray(cfg: Config, *, data: Path, out: Path, workers: int, gpu: bool, address: str | None = None,
+            resume: bool = False) -> None:
+    import ray
+
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address)
+        else:
+            ray.init(address="local", num_cpus=max(workers + 1, os.cpu_count() or 1),
+                     object_store_memory=256 * 1024 * 1024, include_dashboard=False)
+    trainer = make_trainer(cfg, data=data, out=out, workers=workers, gpu=gpu,
+                           storage_path=str(out / "ray"), name="train", resume=resume)
+    trainer.fit()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
