@@ -125,8 +125,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, dropout_p: float = 0.0
 
     q (B, A, Q, d) · k, v (B, A, N, d) · mask (B, N) → (B, A, Q, d). Padded keys
     are masked out before the softmax (SDPA fills them with −inf). A day with no
-    real stock would leave every key masked (NaN), so it attends to its padding
-    instead; its outputs are discarded downstream.
+    real stock would leave every key masked, which some SDPA backends turn into NaN,
+    so such a day attends to its padding instead; its outputs are discarded downstream.
     """
     keys = mask | ~mask.any(dim=1, keepdim=True)  # (B, N)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=keys[:, None, None, :], dropout_p=dropout_p)
@@ -299,7 +299,9 @@ class FactorVAE(nn.Module):
     """FactorVAE; `forward` is the training loss, `predict` the prior forecast."""
 
     # Run the GRU only over real stocks (x[mask], scattered back): a big CPU saving, but a
-    # data-dependent shape. Set False for torch.compile / CUDA graphs.
+    # data-dependent shape. Set False for torch.compile / CUDA graphs. Dynamo leaves nn.GRU
+    # eager (one graph break) unless torch._dynamo.config.allow_rnn = True; with that and
+    # this False, torch.compile(fullgraph=True) works.
     gather_real_rows: bool = True
 
     def __init__(self, cfg: ModelConfig, *, num_features: int) -> None:
@@ -323,7 +325,8 @@ class FactorVAE(nn.Module):
         B, N, T, C = x.shape
         keep = mask[..., None]  # (B, N, 1)
         if self.gather_real_rows:
-            h = self.extractor(x[mask]) if bool(mask.any()) else x.new_zeros(0, self.cfg.hidden_size)  # (R, H)
+            # (R, H) over the R real stocks; an all-padding batch skips the GRU (no empty RNN batch)
+            h = self.extractor(x[mask]) if bool(mask.any()) else x.new_zeros(0, self.cfg.hidden_size)
             e = h.new_zeros(B, N, h.shape[-1])
             e[mask] = h
         else:
