@@ -23,13 +23,9 @@ RUN_DIR receives:
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -303,6 +299,8 @@ def fit(cfg: Config, *, data: Path, out: Path, d: Dist, report: Reporter | None 
                 sums += torch.stack([(parts.loss.float() * w).sum(), (parts.nll.float() * w).sum(),
                                      (parts.kl.float() * w).sum(), w.sum()]).double()
         d.all_reduce(sums)
+        steps = torch.tensor([len(batches), -len(batches)], dtype=torch.float64, device=d.device)
+        d.all_reduce(steps, op="max")  # -> (max over ranks, -min over ranks): DDP needs them equal
         if skipped > tcfg.max_skipped_fraction * len(batches):
             raise NonFiniteLossError(f"epoch {epoch}: {skipped} of {len(batches)} steps had a non-finite loss "
                                      f"(more than train.max_skipped_fraction={tcfg.max_skipped_fraction})")
@@ -310,6 +308,7 @@ def fit(cfg: Config, *, data: Path, out: Path, d: Dist, report: Reporter | None 
         val = evaluate_panel(model, valid_p, d, batch_days=tcfg.eval_batch_days, bf16=tcfg.bf16)
         row = {"epoch": epoch, "loss": sums[0].item() / n, "nll": sums[1].item() / n, "kl": sums[2].item() / n,
                "lr": optim.param_groups[0]["lr"], "skipped_steps": skipped, "steps": len(batches),
+               "rank_steps_min": int(-steps[1].item()), "rank_steps_max": int(steps[0].item()),
                "train_days": int(n), "seconds": time.time() - t0,
                **{f"valid_{k}": v for k, v in val.items()}}
         score = val["rank_icir"] if math.isfinite(val["rank_icir"]) else -math.inf
@@ -583,7 +582,9 @@ def make_trainer(cfg: Config, *, data: Path, out: Path, workers: int, gpu: bool,
                                      resources_per_worker=resources_per_worker),
         run_config=RunConfig(name=name, storage_path=storage_path, callbacks=callbacks,
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             failure_config=FailureConfig(max_failures=max_failures)),
+                             # a worker group that cannot start (e.g. resources held elsewhere) fails the run
+                             # after a few tries instead of retrying forever
+                             failure_config=FailureConfig(max_failures=max_failures, controller_failure_limit=2)),
     )
 
 
@@ -597,8 +598,9 @@ def run_ray(cfg: Config, *, data: Path, out: Path, workers: int, gpu: bool, addr
         if address:
             ray.init(address=address)
         else:
+            # the dashboard hosts the State API that Ray Train's placement-group cleaner queries
             ray.init(address="local", num_cpus=max(workers + 1, os.cpu_count() or 1),
-                     object_store_memory=256 * 1024 * 1024, include_dashboard=False)
+                     object_store_memory=256 * 1024 * 1024, include_dashboard=True)
     trainer = make_trainer(cfg, data=data, out=out, workers=workers, gpu=gpu,
                            storage_path=str(out / "ray"), name="train", resume=resume)
     trainer.fit()

@@ -28,6 +28,6 @@ def ray_session():
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=4, object_store_memory=200 * 1024 * 1024,
-                 include_dashboard=False, log_to_driver=True)
+                 include_dashboard=True, log_to_driver=True)
     yield ray
     ray.shutdown()

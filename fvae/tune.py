@@ -1,0 +1,325 @@
+"""Distributed hyperparameter search: Ray Tune + Optuna (TPE) + ASHA over Ray Train trials.
+
+    python -m fvae.tune [--data DIR] --space search_spaces/NAME.yaml --num-samples N --out EXP_DIR
+                        [--resume] [--workers-per-trial W] [--gpus-per-trial G]
+
+Runs the same locally and as ``ray job submit -- python -m fvae.tune ...``. Without
+``--data`` it searches the embedded default: a synthetic market generated into
+EXP_DIR/data. Each trial is a Tune function (``_trial``) that builds a Ray Train
+TorchTrainer (Ray Train V2); metrics flow back through TuneReportCallback, ASHA
+stops weak trials on the per-epoch validation Rank ICIR, and the best trial is
+the one with the highest validation Rank ICIR (ties: the lower trial id).
+
+EXP_DIR receives:
+    trials/<trial_id>/        each trial's run directory (config.yaml, tb/, checkpoints/, ...)
+    tune/                     Ray Tune's experiment state (what --resume restores)
+    summary.json              best trial (config, valid Rank ICIR, test metrics, checkpoint) and all trials
+    best_config.yaml          the best config, re-runnable with ``python -m fvae.train --config``
+    trials.png                validation Rank ICIR of every trial, per epoch
+
+Multi-node runs need EXP_DIR (and --data) on storage every node sees: rank 0 of each
+trial writes its run directory there, and Tune keeps its state there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from fvae import config as fconfig
+from fvae.data.shards import DataError, atomic_write_json, read_meta
+from fvae.space import SearchSpace, SpaceError, load_space
+from fvae.train import Config, NonFiniteLossError, load_config, load_state
+
+METRIC = "valid_rank_icir"
+DRIVER_CPUS = 0.1  # a trial's driver only waits on its Train workers
+
+
+def resolve_trial_config(space: SearchSpace, params: dict[str, Any], *, base: Path | None) -> Config:
+    """The full Config a trial trains with: base YAML, then the space's fixed values and params."""
+    keys = {k: v for k, v in params.items() if "." in k}
+    return load_config(base, space.to_overrides(keys))
+
+
+# --------------------------------------------------------------------------- Ray (the only Ray calls)
+
+
+def _trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
+    """One Tune trial: a Ray Train run of ``fvae.train.train_loop_per_worker``."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from fvae.train import make_trainer
+
+    space = load_space(setup["space"])
+    cfg = resolve_trial_config(space, params, base=Path(setup["base_config"]) if setup["base_config"] else None)
+    trial_id = tune.get_context().get_trial_id()
+    out = Path(setup["exp_dir"]) / "trials" / trial_id
+    out.mkdir(parents=True, exist_ok=True)
+    gpu = setup["gpus_per_worker"] > 0
+    resources = {"CPU": setup["cpus_per_worker"]}
+    if gpu:
+        resources["GPU"] = setup["gpus_per_worker"]
+    trainer = make_trainer(cfg, data=Path(setup["data"]), out=out, workers=setup["workers"], gpu=gpu,
+                           storage_path=str(Path(setup["exp_dir"]) / "train"), name=trial_id,
+                           callbacks=[TuneReportCallback()], resources_per_worker=resources)
+    trainer.fit()
+
+
+def _init_ray(address: str | None, num_cpus: int | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address or os.environ.get("RAY_ADDRESS"):  # `ray job submit` sets RAY_ADDRESS
+        ray.init(address=address or os.environ["RAY_ADDRESS"])
+    else:  # a private local cluster; a bare ray.init() could join a stale one
+        # include_dashboard: it hosts the State API that Ray Train's placement-group cleaner needs;
+        # without it a trial stopped by ASHA leaves its placement group behind and the search stalls
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 2,
+                 object_store_memory=256 * 1024 * 1024, include_dashboard=True)
+
+
+def max_concurrent(*, cluster: dict[str, float], workers: int, cpus_per_worker: float,
+                   gpus_per_worker: float) -> int:
+    """How many trials fit at once, from the cluster's resources and one trial's request."""
+    if gpus_per_worker > 0:
+        if workers > 1 and gpus_per_worker < 1:
+            raise ValueError("--gpus-per-trial: fractional GPUs only for 1-worker trials "
+                             "(NCCL refuses two ranks on one GPU)")
+        by_gpu = int(cluster.get("GPU", 0) // (workers * gpus_per_worker) + 1e-9)
+        if by_gpu < 1:
+            raise ValueError(f"--gpus-per-trial: the cluster has {cluster.get('GPU', 0)} GPUs, "
+                             f"one trial needs {workers * gpus_per_worker}")
+        return by_gpu
+    need = workers * cpus_per_worker + DRIVER_CPUS
+    by_cpu = int(cluster.get("CPU", 0) // need)
+    if by_cpu < 1:
+        raise ValueError(f"--workers-per-trial: the cluster has {cluster.get('CPU', 0)} CPUs, one trial needs {need}")
+    return by_cpu
+
+
+def run_search(*, data: Path, space_path: Path, num_samples: int, exp_dir: Path, resume: bool = False,
+               workers: int = 1, gpus_per_trial: float = 0.0, cpus_per_worker: float = 1.0, seed: int = 0,
+               base_config: Path | None = None, grace_period: int = 1, reduction_factor: int = 2,
+               max_concurrent_trials: int | None = None, time_budget_s: float | None = None,
+               address: str | None = None, num_cpus: int | None = None) -> dict[str, Any]:
+    """Run (or resume) the search and write summary.json; returns the summary."""
+    import optuna
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    space = load_space(space_path)
+    meta = read_meta(data)  # fail fast on bad data, before any trial starts
+    base_cfg = resolve_trial_config(space, {}, base=base_config)
+    exp_dir = exp_dir.resolve()
+    tune_dir = exp_dir / "tune"
+    gpus_per_worker = gpus_per_trial / workers if workers else 0.0
+
+    _init_ray(address, num_cpus)
+    concurrent = max_concurrent_trials or max_concurrent(
+        cluster=ray.cluster_resources(), workers=workers, cpus_per_worker=cpus_per_worker,
+        gpus_per_worker=gpus_per_worker)
+    setup = {"space": str(Path(space_path).resolve()), "data": str(Path(data).resolve()),
+             "exp_dir": str(exp_dir), "workers": workers, "cpus_per_worker": cpus_per_worker,
+             "gpus_per_worker": gpus_per_worker,
+             "base_config": str(Path(base_config).resolve()) if base_config else None}
+    trainable = tune.with_resources(tune.with_parameters(_trial, setup=setup), {"CPU": DRIVER_CPUS})
+
+    if resume:
+        if not tune.Tuner.can_restore(str(tune_dir)):
+            raise FileNotFoundError(f"--resume: no search to resume in {tune_dir}")
+        print(f"[fvae.tune] resuming the search in {tune_dir}", flush=True)
+        tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True,
+                                   resume_errored=False)
+    else:
+        if tune_dir.exists():
+            raise FileExistsError(f"{exp_dir} already holds a search; pass --resume to continue it "
+                                  "or choose another --out")
+        searcher = OptunaSearch(space=space.suggest, metric=METRIC, mode=space.mode,
+                                sampler=optuna.samplers.TPESampler(seed=seed))
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=base_cfg.train.epochs,
+                                  grace_period=min(grace_period, base_cfg.train.epochs),
+                                  reduction_factor=reduction_factor)
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(metric=METRIC, mode=space.mode, search_alg=searcher,
+                                        scheduler=scheduler, num_samples=num_samples,
+                                        max_concurrent_trials=concurrent, time_budget_s=time_budget_s),
+            run_config=tune.RunConfig(name="tune", storage_path=str(exp_dir),
+                                      failure_config=tune.FailureConfig(max_failures=0)),
+        )
+        print(f"[fvae.tune] {num_samples} trials of space '{space.name}' on {data} "
+              f"({meta.handler}, {meta.instruments} stocks); {concurrent} at a time, "
+              f"{workers} worker(s) per trial; ASHA on {METRIC}", flush=True)
+    t0 = time.time()
+    results = tuner.fit()
+    summary = summarize_search(results, space=space, exp_dir=exp_dir, data=data, base_config=base_config,
+                               seconds=time.time() - t0)
+    return summary
+
+
+def summarize_search(results: Any, *, space: SearchSpace, exp_dir: Path, data: Path,
+                     base_config: Path | None, seconds: float) -> dict[str, Any]:
+    """Collect every trial, pick the best by validation Rank ICIR, evaluate it on test."""
+    trials = []
+    for r in results:
+        trial_id = Path(r.path).name.split("_")[-2] if r.path else "?"
+        params = {k: v for k, v in (r.config or {}).items() if "." in k}
+        df = r.metrics_dataframe
+        best_val, epochs = math.nan, 0
+        if df is not None and len(df) and METRIC in df:
+            vals = df[METRIC].astype(float)
+            best_val = float(vals.max()) if vals.notna().any() else math.nan
+            epochs = int(df["training_iteration"].max()) if "training_iteration" in df else len(df)
+        tid = (r.metrics or {}).get("trial_id") or trial_id
+        status = "ERROR" if r.error else "TERMINATED"
+        trials.append({"trial_id": tid, "params": params, "valid_rank_icir": best_val, "epochs": epochs,
+                       "status": status, "error": (str(r.error).splitlines()[0][:500] if r.error else None),
+                       "run_dir": str(exp_dir / "trials" / tid)})
+    trials.sort(key=lambda t: t["trial_id"])
+    finished = [t for t in trials if math.isfinite(t["valid_rank_icir"])]
+    summary: dict[str, Any] = {"space": space.name, "metric": METRIC, "seconds": seconds,
+                               "data": str(data), "trials": trials, "best": None}
+    if finished:
+        # highest validation Rank ICIR; ties broken by the lower trial id
+        best = sorted(finished, key=lambda t: (-t["valid_rank_icir"], t["trial_id"]))[0]
+        cfg = resolve_trial_config(space, best["params"], base=base_config)
+        run_dir = Path(best["run_dir"])
+        test = evaluate_best(cfg, data=data, run_dir=run_dir)
+        fconfig.dump(cfg, exp_dir / "best_config.yaml")
+        summary["best"] = {"trial_id": best["trial_id"], "params": best["params"], "config": fconfig.to_dict(cfg),
+                           "valid_rank_icir": best["valid_rank_icir"], "test": test,
+                           "checkpoint": str(run_dir / "checkpoints" / "last" / "state.pt")}
+    summary["asha_stopped"] = sum(1 for t in trials if t["status"] != "ERROR" and t["epochs"] <
+                                  _max_epochs(space, base_config))
+    atomic_write_json(exp_dir / "summary.json", _finite(summary))
+    _plot_trials(exp_dir, trials)
+    if summary["best"]:
+        b = summary["best"]
+        print(f"[fvae.tune] best trial {b['trial_id']}: valid Rank ICIR {b['valid_rank_icir']:.3f}, "
+              f"test Rank IC {b['test']['rank_ic']:.4f} Rank ICIR {b['test']['rank_icir']:.3f} "
+              f"-> {exp_dir / 'summary.json'}", flush=True)
+    return summary
+
+
+def _max_epochs(space: SearchSpace, base_config: Path | None) -> int:
+    return resolve_trial_config(space, {}, base=base_config).train.epochs
+
+
+def evaluate_best(cfg: Config, *, data: Path, run_dir: Path) -> dict[str, float]:
+    """Best-epoch weights from the trial's last checkpoint -> predictions and test metrics."""
+    import torch
+
+    from fvae.train import build_model, write_run_outputs
+
+    state = load_state(run_dir / "checkpoints" / "last")
+    meta = read_meta(data)
+    model = build_model(cfg, meta.channels)
+    model.load_state_dict(state["best_model"] or state["model"])
+    out = write_run_outputs(model, cfg, meta, data=Path(data), out=run_dir, history=state["history"],
+                            best=state["best"], device=torch.device("cpu"))
+    return out["test"]
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _plot_trials(exp_dir: Path, trials: list[dict[str, Any]]) -> None:
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for t in trials:
+        mfile = Path(t["run_dir"]) / "metrics.json"
+        hist = json.loads(mfile.read_text())["history"] if mfile.is_file() else None
+        if hist is None:
+            state_file = Path(t["run_dir"]) / "checkpoints" / "last" / "state.pt"
+            if not state_file.is_file():
+                continue
+            hist = load_state(state_file)["history"]
+        ax.plot([h["epoch"] + 1 for h in hist], [h["valid_rank_icir"] for h in hist], marker="o",
+                label=t["trial_id"], alpha=0.8)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation Rank ICIR")
+    ax.set_title("trials (ASHA stops the weak ones early)")
+    ax.grid(alpha=0.3)
+    if len(trials) <= 12:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(exp_dir / "trials.png", dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m fvae.tune", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, default=None,
+                   help="shard folder; default: a synthetic market generated into EXP_DIR/data")
+    p.add_argument("--space", type=Path, default=Path("search_spaces/default.yaml"))
+    p.add_argument("--num-samples", type=int, default=16)
+    p.add_argument("--out", type=Path, default=Path("experiments/default"), help="experiment directory")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted search in --out")
+    p.add_argument("--workers-per-trial", type=int, default=1)
+    p.add_argument("--gpus-per-trial", type=float, default=0.0,
+                   help="GPUs per trial; fractions pack several 1-worker trials on one GPU")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--config", type=Path, default=None, help="base training config YAML")
+    p.add_argument("--seed", type=int, default=0, help="TPE sampler seed")
+    p.add_argument("--max-concurrent", type=int, default=None, help="default: from cluster resources")
+    p.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped")
+    p.add_argument("--time-budget-s", type=float, default=None, help="stop the whole search after this long")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local one)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray cluster")
+    p.add_argument("--synthetic-stocks", type=int, default=200)
+    p.add_argument("--synthetic-days", type=int, default=600)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        data = args.data
+        if data is None:
+            data = args.out / "data"
+            if not (data / "meta.json").is_file():
+                from fvae.data.synthetic import SyntheticConfig, write_synthetic
+
+                meta = write_synthetic(data, SyntheticConfig(stocks=args.synthetic_stocks,
+                                                             days=args.synthetic_days, seed=args.seed))
+                print(f"[fvae.tune] no --data: generated a synthetic market in {data} "
+                      f"(ceiling Rank IC {meta.extra['ceiling_rank_ic']})", flush=True)
+        run_search(data=data, space_path=args.space, num_samples=args.num_samples, exp_dir=args.out,
+                   resume=args.resume, workers=args.workers_per_trial, gpus_per_trial=args.gpus_per_trial,
+                   cpus_per_worker=args.cpus_per_worker, seed=args.seed, base_config=args.config,
+                   grace_period=args.grace_period, max_concurrent_trials=args.max_concurrent,
+                   time_budget_s=args.time_budget_s, address=args.address, num_cpus=args.num_cpus)
+    except (SpaceError, fconfig.ConfigError, DataError, NonFiniteLossError, FileExistsError,
+            FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
