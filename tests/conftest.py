@@ -1,8 +1,14 @@
-"""Shared fixtures: tiny synthetic markets and one Ray session for the whole run."""
+"""Shared fixtures: tiny synthetic markets and one real Ray cluster for the whole run."""
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +17,11 @@ from fvae.data.synthetic import SyntheticConfig, write_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
+
+# Ray 2.60 turns token authentication on for clusters that ray.init() starts; the test
+# cluster, its drivers and `ray job submit` must agree, so every process here runs without it.
+os.environ["RAY_AUTH_MODE"] = "disabled"
+os.environ.pop("RAY_ADDRESS", None)
 
 
 @pytest.fixture(scope="session")
@@ -21,13 +32,73 @@ def tiny_market(tmp_path_factory) -> Path:
     return out
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kill_tree(marker: str) -> None:
+    """Stop the processes whose command line holds ``marker``, and their children.
+
+    ``ray stop`` would stop every Ray cluster on the machine, not only the test's.
+    """
+    import psutil
+
+    victims = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(marker in part for part in (p.info["cmdline"] or [])):
+                victims += [p, *p.children(recursive=True)]
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    for p in victims:
+        try:
+            p.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+
+
 @pytest.fixture(scope="session")
-def ray_session():
-    """A real local Ray cluster, started once: explicit CPUs and a bounded object store."""
-    ray = pytest.importorskip("ray")
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+def ray_cluster():
+    """A real Ray cluster on this machine, started with ``ray start --head``: 4 logical CPUs,
+    a bounded object store, the dashboard (job server and State API) on loopback.
+
+    One cluster serves every test: with two Ray instances on a machine, Ray Train's
+    placement-group cleaner cannot tell which to query and stopped trials leak resources.
+    """
+    pytest.importorskip("ray")
+    temp = tempfile.mkdtemp(prefix="fvray-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    gcs, dash, client = _free_port(), _free_port(), _free_port()
+    cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--port={gcs}",
+           "--num-cpus=4", f"--object-store-memory={200 * 1024 * 1024}", "--include-dashboard=true",
+           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
+           f"--temp-dir={temp}", "--disable-usage-stats"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    if out.returncode != 0:
+        kill_tree(temp)
+        pytest.fail(f"ray start failed: {out.stderr[-2000:]}")
+    import ray
+
+    address = None
+    for line in out.stdout.splitlines() + out.stderr.splitlines():
+        line = re.sub(r"\x1b\[[0-9;]*m", "", line)  # ray colours its output
+        if "ray start --address=" in line:
+            address = line.split("--address=")[1].split()[0].strip("'\"")
+    address = address or f"127.0.0.1:{gcs}"
+    info = {"address": address, "dashboard": f"http://127.0.0.1:{dash}", "temp": temp}
+    yield info
+    if ray.is_initialized():
+        ray.shutdown()
+    kill_tree(temp)
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_session(ray_cluster):
+    """This test process connected as a driver to the shared cluster."""
+    import ray
+
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=4, object_store_memory=200 * 1024 * 1024,
-                 include_dashboard=True, log_to_driver=True)
+        ray.init(address=ray_cluster["address"], log_to_driver=True)
     yield ray
-    ray.shutdown()

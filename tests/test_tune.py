@@ -6,7 +6,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -91,22 +90,20 @@ def test_max_concurrent_from_resources():
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ)
+    env = dict(os.environ)  # conftest set RAY_AUTH_MODE=disabled: the cluster and clients agree
     env["PYTHONUNBUFFERED"] = "1"
-    env["RAY_AUTH_MODE"] = "disabled"  # the test cluster and its clients must agree
-    env.pop("RAY_ADDRESS", None)
     return env
 
 
-def test_resume_after_killing_the_driver(tiny_market, tmp_path):
-    """kill -9 the driver (and its local cluster) mid-search; --resume keeps finished trials."""
+def test_resume_after_killing_the_driver(tiny_market, tmp_path, ray_cluster):
+    """kill -9 the search's driver mid-search; --resume keeps the trials that had finished."""
     exp = tmp_path / "exp"
     cmd = [sys.executable, "-m", "fvae.tune", "--data", str(tiny_market), "--space", str(SMOKE),
-           "--num-samples", "5", "--out", str(exp), "--num-cpus", "2", "--max-concurrent", "1"]
+           "--num-samples", "5", "--out", str(exp), "--max-concurrent", "1",
+           "--address", ray_cluster["address"]]
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
     deadline = time.time() + 400
-    finished: dict[str, float] = {}
     try:
         while time.time() < deadline:
             done = sorted((exp / "trials").glob("*/checkpoints/last/state.pt")) if (exp / "trials").exists() else []
@@ -140,41 +137,14 @@ def test_resume_after_killing_the_driver(tiny_market, tmp_path):
             assert len(hist) <= 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_ray_job_submit_against_a_local_cluster(tiny_market, tmp_path):
-    env = _env()
-    gcs, dash = _free_port(), _free_port()
-    start = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--port={gcs}",
-             "--node-ip-address=127.0.0.1", "--num-cpus=4", "--include-dashboard=true",
-             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-             f"--object-store-memory={200 * 1024 * 1024}", f"--temp-dir={tmp_path / 'ray'}"]
-    subprocess.run(start, check=True, env=env, capture_output=True, timeout=120)
-    try:
-        exp = tmp_path / "exp"
-        submit = [sys.executable, "-m", "ray.scripts.scripts", "job", "submit",
-                  f"--address=http://127.0.0.1:{dash}", "--", sys.executable, "-m", "fvae.tune",
-                  "--data", str(tiny_market), "--space", str(SMOKE), "--num-samples", "4", "--out", str(exp)]
-        out = subprocess.run(submit, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-        assert "succeeded" in out.stdout.lower()
-        summary = json.loads((exp / "summary.json").read_text())
-        assert len(summary["trials"]) == 4 and summary["best"]["test"]["rank_ic"] is not None
-    finally:
-        _kill_matching(str(tmp_path / "ray"))
-
-
-def _kill_matching(marker: str) -> None:
-    """Stop only this test's Ray processes (``ray stop`` would stop every cluster on the machine)."""
-    import psutil
-
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if any(marker in part for part in (p.info["cmdline"] or [])):
-                p.kill()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
+def test_ray_job_submit_against_a_local_cluster(tiny_market, tmp_path, ray_cluster):
+    """`ray job submit -- python -m fvae.tune ...` against the `ray start --head` cluster."""
+    exp = tmp_path / "exp"
+    submit = [sys.executable, "-m", "ray.scripts.scripts", "job", "submit",
+              f"--address={ray_cluster['dashboard']}", "--", sys.executable, "-m", "fvae.tune",
+              "--data", str(tiny_market), "--space", str(SMOKE), "--num-samples", "4", "--out", str(exp)]
+    out = subprocess.run(submit, capture_output=True, text=True, env=_env(), timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "succeeded" in out.stdout.lower()
+    summary = json.loads((exp / "summary.json").read_text())
+    assert len(summary["trials"]) == 4 and summary["best"]["test"]["rank_ic"] is not None

@@ -1,0 +1,551 @@
+"""Baselines on FactorVAE's own split and features, and the paper's robustness experiment.
+
+    python -m fvae.baselines --data DIR --out DIR [--models linear,mlp,gru,factorvae] [--seeds 0,1,2]
+                             [--hidden 64 --epochs 30 --lr 1e-3 --patience 5 --batch-days 16]
+                             [--config FACTORVAE_YAML] [--set section.key=value ...] [--debug]
+                             [--robustness M]
+
+Every model sees exactly what FactorVAE sees: the loader's day panels (``Panel.batch``: x (B, N, T, C)
+windows, the processed ``label`` as the training target, the mask of real stocks), trained on
+the train segment, selected on the validation Rank IC, scored on the test segment with
+``fvae.metrics`` against the raw forward return ``ret`` (as ``fvae.train`` scores FactorVAE):
+
+    linear     ridge regression on the flattened T·C window, closed form; the ridge λ (relative to
+               the mean eigenvalue of the Gram matrix) is chosen on the validation Rank IC
+    mlp        two hidden layers on the flattened window, MSE on the label
+    gru        FactorVAE's own feature extractor (``fvae.model.FeatureExtractor``: Linear + LeakyReLU
+               + GRU) with a linear head, MSE on the label
+    factorvae  ``fvae.train.run_standalone`` with the paper's model (``model.gat_layers=0``)
+
+Seeds change the initialisation and batch order (the ridge is deterministic; its spread is 0).
+``baselines.json`` holds mean ± sample std (ddof = 1) over seeds per model, segment and metric.
+
+Robustness (the paper's Table 2): with ``--robustness M``, per seed, M stocks listed in both the
+train and the test segment are drawn at random and removed from training (their label is
+masked out in the train and valid segments, so they are neither fitted nor used for model
+selection; their features stay, so their test windows are complete). The models are scored by
+the Rank IC over those M stocks alone on the test segment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from fvae.data.loader import Panel, epoch_batches, load_panel
+from fvae.data.shards import DataError, Meta, atomic_write_json, read_meta, read_rows, write_shards
+from fvae.metrics import daily_ic, daily_rank_ic, summarize
+from fvae.model import FeatureExtractor, ModelConfig
+
+MODELS = ("linear", "mlp", "gru", "factorvae")
+METRICS = ("ic", "icir", "rank_ic", "rank_icir")
+RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4)  # λ / mean eigenvalue of the centred Gram matrix
+DEBUG_FACTORVAE = ["model.hidden_size=16", "model.num_factors=4", "model.num_portfolios=8", "train.epochs=2",
+                   "data.batch_days=16"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class BaselineConfig:
+    """Options of the neural baselines (MLP, GRU) and the FactorVAE run."""
+
+    hidden: int = 64
+    epochs: int = 30
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    patience: int = 5  # epochs without a better validation Rank IC before stopping
+    batch_days: int = 16
+    eval_batch_days: int = 64
+    factorvae_config: Path | None = None  # YAML for fvae.train; model.gat_layers is forced to 0
+    factorvae_overrides: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("hidden", "epochs", "batch_days", "eval_batch_days"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"--lr: expected > 0, got {self.lr}")
+        if self.patience < 0:
+            raise ValueError(f"--patience: expected >= 0, got {self.patience}")
+
+
+DEBUG = BaselineConfig(hidden=16, epochs=3, patience=2, factorvae_overrides=tuple(DEBUG_FACTORVAE))
+
+
+# --------------------------------------------------------------------------- panels and scoring
+
+
+@dataclass
+class Split:
+    """The three segments of a shard folder as panels (train/valid possibly with stocks held out)."""
+
+    train: Panel
+    valid: Panel
+    test: Panel
+    meta: Meta
+
+
+def load_split(data: str | Path, *, holdout: list[str] | None = None) -> Split:
+    """Panels of all three segments; ``holdout`` stocks lose their labels in train and valid."""
+    meta = read_meta(data)
+    panels = {seg: load_panel(data, seg, meta=meta) for seg in ("train", "valid", "test")}
+    if holdout:
+        for seg in ("train", "valid"):
+            p = panels[seg]
+            drop = torch.from_numpy(np.isin(p.instruments, holdout))
+            p.valid = p.valid & ~drop[None, :]
+    return Split(train=panels["train"], valid=panels["valid"], test=panels["test"], meta=meta)
+
+
+def flat_rows(panel: Panel, days: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The real stock-days of ``days`` as rows: x (R, T·C), label (R,), and the (day, stock) index (R, 2)."""
+    b = panel.batch(days)
+    m = b.mask
+    x = b.x[m].reshape(int(m.sum()), -1)  # (R, T*C), time-major windows flattened
+    rows = torch.stack([b.day[:, None].expand_as(b.stock)[m], b.stock[m]], dim=1)
+    return x, b.y[m], rows
+
+
+def predict_dense(panel: Panel, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *,
+                  batch_days: int = 64, width: int | None = None) -> torch.Tensor:
+    """Scores for every (day, stock) of ``panel``: (D, N) or (D, N, width); 0 where no stock.
+
+    ``fn(x (B, N, T, C), mask (B, N))`` returns (B, N) or (B, N, width).
+    """
+    D, N = panel.num_days, len(panel.instruments)
+    out = torch.zeros((D, N) if width is None else (D, N, width), dtype=torch.float64)
+    with torch.no_grad():
+        for i in range(0, D, batch_days):
+            b = panel.batch(np.arange(i, min(D, i + batch_days)))
+            p = fn(b.x, b.mask)
+            rows = b.day[:, None].expand_as(b.stock)
+            out[rows[b.mask], b.stock[b.mask]] = p[b.mask].double()
+    return out
+
+
+def score(pred: torch.Tensor, panel: Panel, *, stocks: list[str] | None = None) -> dict[str, float]:
+    """IC, ICIR, Rank IC, Rank ICIR of (D, N) predictions against the panel's raw return.
+
+    With ``stocks``, only those stocks count (the robustness evaluation); the others are masked out.
+    """
+    mask = panel.valid
+    if stocks is not None:
+        mask = mask & torch.from_numpy(np.isin(panel.instruments, stocks))[None, :]
+        used = set(panel.instruments[mask.any(0).numpy()])
+        assert used <= set(stocks), "robustness scoring must see held-out stocks only"
+    return summarize(daily_ic(pred, panel.ret, mask), daily_rank_ic(pred, panel.ret, mask))
+
+
+# --------------------------------------------------------------------------- linear (ridge, closed form)
+
+
+def fit_ridge(split: Split, *, grid: tuple[float, ...] = RIDGE_GRID, batch_days: int = 32) -> dict[str, Any]:
+    """Ridge on the flattened window with an unpenalised intercept; λ picked on validation Rank IC.
+
+    Sufficient statistics accumulated over day batches (memory O(F²), F = T·C, never the full design):
+        A = Σ x xᵀ − n m mᵀ (centred Gram),  b = Σ x y − n m ȳ,  then A = V diag(e) Vᵀ once and
+        w(λ) = V diag(1 / (e + λ)) Vᵀ b for every λ of the grid (λ = r · mean(e)).
+    """
+    train = split.train
+    Fdim = train.lookback * train.channels
+    A = torch.zeros(Fdim, Fdim, dtype=torch.float64)
+    sx = torch.zeros(Fdim, dtype=torch.float64)
+    sxy = torch.zeros(Fdim, dtype=torch.float64)
+    sy, n = 0.0, 0
+    for i in range(0, train.num_days, batch_days):
+        x, y, _ = flat_rows(train, np.arange(i, min(train.num_days, i + batch_days)))
+        x, y = x.double(), y.double()
+        A += x.T @ x
+        sx += x.sum(0)
+        sxy += x.T @ y
+        sy += float(y.sum())
+        n += len(y)
+    if n < 2:
+        raise DataError("linear: the train segment has fewer than two labelled stock-days")
+    mx, my = sx / n, sy / n
+    A -= n * torch.outer(mx, mx)
+    b = sxy - n * mx * my
+    e, V = torch.linalg.eigh(A)
+    e = e.clamp_min(0.0)
+    lams = torch.tensor(grid, dtype=torch.float64) * e.mean().clamp_min(1e-12)
+    Vb = V.T @ b  # (F,)
+    W = V @ (Vb[:, None] / (e[:, None] + lams[None, :]))  # (F, L): one weight vector per λ
+    c = my - mx @ W  # (L,) intercepts
+
+    def fn(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        B, N = mask.shape
+        return (x.reshape(B, N, -1).double() @ W + c)  # (B, N, L)
+
+    val = predict_dense(split.valid, fn, width=len(grid))
+    ric = [score(val[..., j], split.valid)["rank_ic"] for j in range(len(grid))]
+    best = int(np.nanargmax(np.where(np.isfinite(ric), ric, -np.inf)))
+    w_best, c_best = W[:, best].clone(), float(c[best])
+    return {"weights": w_best, "intercept": c_best, "lambda_rel": grid[best],
+            "valid_rank_ic_by_lambda": {str(g): r for g, r in zip(grid, ric)}}
+
+
+def _ridge_predict(fit: dict[str, Any]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    w, c = fit["weights"], fit["intercept"]
+
+    def fn(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        B, N = mask.shape
+        return x.reshape(B, N, -1).double() @ w + c
+
+    return fn
+
+
+def fit_linear(data_dir: str | Path, *, seed: int = 0) -> dict[str, Any]:
+    """The ridge baseline's valid and test metrics on a shard folder (deterministic; ``seed`` is unused
+    by the fit and kept so every baseline has the same signature). Returns {"valid", "test", "lambda_rel"}."""
+    split = load_split(data_dir)
+    return _run_linear(split, holdout=None, seed=seed)
+
+
+def _run_linear(split: Split, *, holdout: list[str] | None, seed: int) -> dict[str, Any]:
+    fit = fit_ridge(split)
+    fn = _ridge_predict(fit)
+    res = {"valid": score(predict_dense(split.valid, fn), split.valid),
+           "test": score(predict_dense(split.test, fn), split.test),
+           "lambda_rel": fit["lambda_rel"], "seed": seed}
+    if holdout:
+        res["holdout"] = score(predict_dense(split.test, fn), split.test, stocks=holdout)
+    return res
+
+
+# --------------------------------------------------------------------------- neural baselines
+
+
+class MLP(nn.Module):
+    """x (B, N, T, C) → ŷ (B, N): the flattened window through two LeakyReLU layers."""
+
+    def __init__(self, num_inputs: int, hidden: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(num_inputs, hidden), nn.LeakyReLU(0.1), nn.Linear(hidden, hidden),
+                                 nn.LeakyReLU(0.1), nn.Linear(hidden, 1))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        B, N = mask.shape
+        return torch.where(mask, self.net(x.reshape(B, N, -1)).squeeze(-1), 0.0)
+
+
+class GRUBaseline(nn.Module):
+    """x (B, N, T, C) → ŷ (B, N): FactorVAE's feature extractor e (R, H) on the real stocks + Linear(H, 1)."""
+
+    def __init__(self, num_features: int, hidden: int) -> None:
+        super().__init__()
+        self.extractor = FeatureExtractor(num_features, ModelConfig(hidden_size=hidden))
+        self.head = nn.Linear(hidden, 1)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        out = x.new_zeros(mask.shape)
+        if bool(mask.any()):
+            out[mask] = self.head(self.extractor(x[mask])).squeeze(-1)  # GRU over real stocks only
+        return out
+
+
+def _masked_mse(pred: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over days of the per-day mean squared error over real stocks."""
+    err = torch.where(mask, (pred - y) ** 2, 0.0).sum(1) / mask.sum(1).clamp_min(1)
+    return err.mean()
+
+
+def train_network(net: nn.Module, split: Split, *, cfg: BaselineConfig, seed: int, name: str,
+                  holdout: list[str] | None = None, progress: bool = True) -> dict[str, Any]:
+    """Adam on the masked MSE to the label, day batches as FactorVAE's (non-overlapping windows),
+    early stopping on the validation Rank IC; returns valid/test metrics of the best epoch."""
+    train = split.train
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    best_ric, best_state, best_epoch, bad = -math.inf, None, -1, 0
+    history = []
+    for epoch in range(cfg.epochs):
+        t0 = time.time()
+        net.train()
+        losses = []
+        for days in epoch_batches(train.num_days, batch_days=cfg.batch_days, lookback=train.lookback, seed=seed,
+                                  epoch=epoch):
+            b = train.batch(days)
+            if not bool(b.mask.any()):
+                continue
+            loss = _masked_mse(net(b.x, b.mask), b.y, b.mask)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            opt.step()
+            losses.append(loss.item())
+        net.eval()
+        val = score(predict_dense(split.valid, net, batch_days=cfg.eval_batch_days), split.valid)
+        history.append({"epoch": epoch, "loss": float(np.mean(losses)) if losses else math.nan,
+                        "valid_rank_ic": val["rank_ic"]})
+        if progress:
+            print(f"[baselines] {name} seed {seed} epoch {epoch + 1}/{cfg.epochs} loss {history[-1]['loss']:.4f} "
+                  f"valid RankIC {val['rank_ic']:.4f} [{time.time() - t0:.1f}s]", flush=True)
+        r = val["rank_ic"] if math.isfinite(val["rank_ic"]) else -math.inf
+        if r > best_ric:
+            best_ric, best_epoch, bad = r, epoch, 0
+            best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        else:
+            bad += 1
+            if cfg.patience and bad >= cfg.patience:
+                break
+    if best_state is not None:
+        net.load_state_dict(best_state)
+    net.eval()
+    test_pred = predict_dense(split.test, net, batch_days=cfg.eval_batch_days)
+    res = {"valid": score(predict_dense(split.valid, net, batch_days=cfg.eval_batch_days), split.valid),
+           "test": score(test_pred, split.test), "best_epoch": best_epoch, "epochs_run": len(history),
+           "seed": seed}
+    if holdout:
+        res["holdout"] = score(test_pred, split.test, stocks=holdout)
+    return res
+
+
+def fit_network(kind: str, split: Split, *, cfg: BaselineConfig, seed: int, holdout: list[str] | None = None,
+                progress: bool = True) -> dict[str, Any]:
+    """Train the ``mlp`` or ``gru`` baseline with ``seed``."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+    T, C = split.train.lookback, split.train.channels
+    net: nn.Module = MLP(T * C, cfg.hidden) if kind == "mlp" else GRUBaseline(C, cfg.hidden)
+    return train_network(net, split, cfg=cfg, seed=seed, name=kind, holdout=holdout, progress=progress)
+
+
+def fit_factorvae(data: str | Path, *, out: str | Path, seed: int, cfg: BaselineConfig,
+                  holdout: list[str] | None = None, test_panel: Panel | None = None) -> dict[str, Any]:
+    """FactorVAE as the paper has it (``model.gat_layers=0``) through ``fvae.train.run_standalone``."""
+    from fvae import train as ftrain
+
+    tcfg = ftrain.load_config(cfg.factorvae_config,
+                              [*cfg.factorvae_overrides, f"train.seed={seed}", "model.gat_layers=0"])
+    out = Path(out)
+    result = ftrain.run_standalone(tcfg, data=Path(data), out=out)
+    res = {"valid": result["valid"], "test": result["test"], "best_epoch": result["best_epoch"],
+           "epochs_run": result["epochs_run"], "seed": seed, "run_dir": str(out)}
+    if holdout:
+        if test_panel is None:
+            raise ValueError("fit_factorvae: holdout scoring needs the original test panel")
+        res["holdout"] = score(predictions_to_dense(out / "pred_test.parquet", test_panel), test_panel,
+                               stocks=holdout)
+    return res
+
+
+def predictions_to_dense(path: Path, panel: Panel) -> torch.Tensor:
+    """A pred_*.parquet's ``score`` on the panel's (day, stock) grid: (D, N), 0 where absent."""
+    df = pd.read_parquet(path, columns=["datetime", "instrument", "score"])
+    di = panel.dates.get_indexer(pd.DatetimeIndex(df["datetime"]))
+    si = pd.Index(panel.instruments).get_indexer(df["instrument"].astype(str))
+    ok = (di >= 0) & (si >= 0)
+    out = torch.zeros(panel.num_days, len(panel.instruments), dtype=torch.float64)
+    out[di[ok], si[ok]] = torch.from_numpy(df["score"].to_numpy(np.float64)[ok])
+    return out
+
+
+# --------------------------------------------------------------------------- robustness
+
+
+def choose_holdout(split: Split, m: int, *, seed: int) -> list[str]:
+    """M stocks with labels in both the train and the test segment, drawn with ``seed``."""
+    tr = set(split.train.instruments[split.train.valid.any(0).numpy()])
+    te = split.test.instruments[split.test.valid.any(0).numpy()]
+    pool = np.array(sorted(s for s in te if s in tr))
+    if not 2 <= m <= len(pool) - 2:
+        raise ValueError(f"--robustness: M must be between 2 and {len(pool) - 2} (stocks in both train and test), "
+                         f"got {m}")
+    rng = np.random.default_rng([seed, 7919])
+    return sorted(rng.choice(pool, size=m, replace=False).tolist())
+
+
+def write_holdout_copy(data: str | Path, out: str | Path, holdout: list[str]) -> Path:
+    """A copy of the shard folder with ``label`` and ``ret`` of the held-out stocks set to NaN on train
+    and valid days, so that ``fvae.train`` (which reads folders) trains without them."""
+    data, out = Path(data), Path(out)
+    meta = read_meta(data)
+    lo = min(pd.Timestamp(s["start"]) for s in meta.shards)
+    hi = max(pd.Timestamp(s["end"]) for s in meta.shards)
+    df = read_rows(data, meta, lo, hi)
+    test_start, _ = meta.segment_range("test")
+    drop = df["instrument"].astype(str).isin(holdout).to_numpy() & (df["datetime"] < test_start).to_numpy()
+    df.loc[drop, ["label", "ret"]] = np.nan
+    fresh = dataclasses.replace(meta, extra={**meta.extra, "holdout_stocks": holdout, "holdout_of": str(data)})
+    write_shards(out, df, fresh)
+    return out
+
+
+# --------------------------------------------------------------------------- many seeds, one table
+
+
+def aggregate(results: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per segment and metric: mean and sample std (ddof = 1; None for one seed) over the seeds' results."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for seg in ("valid", "test", "holdout"):
+        if not results or seg not in results[0]:
+            continue
+        out[seg] = {}
+        for m in METRICS:
+            v = np.array([r[seg][m] for r in results], dtype=np.float64)
+            fin = v[np.isfinite(v)]
+            out[seg][m] = {"mean": float(fin.mean()) if len(fin) else None,
+                           "std": float(fin.std(ddof=1)) if len(fin) > 1 else None,
+                           "values": [float(x) if math.isfinite(x) else None for x in v]}
+    return out
+
+
+def _pm(cell: dict[str, Any]) -> str:
+    if cell["mean"] is None:
+        return "n/a"
+    return f"{cell['mean']:.4f}" + (f" ± {cell['std']:.4f}" if cell["std"] is not None else "")
+
+
+def markdown_table(summary: dict[str, Any]) -> str:
+    """One row per model: valid Rank IC / Rank ICIR and the four test metrics (mean ± std over seeds)."""
+    head = "| model | valid Rank IC | valid Rank ICIR | test IC | test ICIR | test Rank IC | test Rank ICIR |"
+    lines = [head, "|" + "---|" * 7]
+    for name, agg in summary["models"].items():
+        v, t = agg["valid"], agg["test"]
+        lines.append(f"| {name} | {_pm(v['rank_ic'])} | {_pm(v['rank_icir'])} | {_pm(t['ic'])} | {_pm(t['icir'])} "
+                     f"| {_pm(t['rank_ic'])} | {_pm(t['rank_icir'])} |")
+    ceiling = summary.get("ceiling_rank_ic")
+    if ceiling:
+        lines.append(f"| ceiling (true μ) | {ceiling.get('valid', math.nan):.4f} | | | | "
+                     f"{ceiling.get('test', math.nan):.4f} | |")
+    if summary.get("robustness"):
+        rob = summary["robustness"]
+        lines += ["", f"Robustness: Rank IC on {rob['m']} stocks removed from training (test segment)", "",
+                  "| model | Rank IC | Rank ICIR |", "|---|---|---|"]
+        for name, agg in rob["models"].items():
+            lines.append(f"| {name} | {_pm(agg['rank_ic'])} | {_pm(agg['rank_icir'])} |")
+    return "\n".join(lines)
+
+
+def _clean(o: Any) -> Any:
+    """NaN/inf → None so that baselines.json is strict JSON."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: _clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_clean(v) for v in o]
+    return o
+
+
+def run_baselines(data: str | Path, *, out: str | Path, models: tuple[str, ...] = MODELS,
+                  seeds: tuple[int, ...] = (0, 1, 2), cfg: BaselineConfig = BaselineConfig(),
+                  robustness: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Train every model with every seed, write ``baselines.json`` (and ``runs.json`` per run) to ``out``.
+
+    With ``robustness`` = M > 0 each seed holds out its own M stocks and the models are trained
+    without them; the normal metrics are then those of the held-out training, plus ``robustness``.
+    """
+    data, out = Path(data), Path(out)
+    bad = [m for m in models if m not in MODELS]
+    if bad or not models:
+        raise ValueError(f"--models: unknown {bad} (choose from {', '.join(MODELS)})")
+    if not seeds:
+        raise ValueError("--seeds: give at least one seed")
+    out.mkdir(parents=True, exist_ok=True)
+    full = load_split(data)
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in models}
+    for seed in seeds:
+        holdout = choose_holdout(full, robustness, seed=seed) if robustness else None
+        split = load_split(data, holdout=holdout) if holdout else full
+        fv_data = data
+        if holdout and "factorvae" in models:
+            fv_data = write_holdout_copy(data, out / f"holdout_data_seed{seed}", holdout)
+        for name in models:
+            t0 = time.time()
+            if name == "linear":
+                res = _run_linear(split, holdout=holdout, seed=seed)
+            elif name == "factorvae":
+                res = fit_factorvae(fv_data, out=out / f"factorvae_seed{seed}", seed=seed, cfg=cfg,
+                                    holdout=holdout, test_panel=full.test)
+            else:
+                res = fit_network(name, split, cfg=cfg, seed=seed, holdout=holdout, progress=progress)
+            res["seconds"] = time.time() - t0
+            if holdout:
+                res["holdout_stocks"] = holdout
+            runs[name].append(res)
+            if progress:
+                extra = f", held-out RankIC {res['holdout']['rank_ic']:.4f}" if holdout else ""
+                print(f"[baselines] {name} seed {seed}: valid RankIC {res['valid']['rank_ic']:.4f}, test RankIC "
+                      f"{res['test']['rank_ic']:.4f} RankICIR {res['test']['rank_icir']:.3f}{extra} "
+                      f"[{res['seconds']:.1f}s]", flush=True)
+    summary: dict[str, Any] = {"data": str(data), "seeds": list(seeds), "config": _config_dict(cfg),
+                               "models": {m: aggregate(r) for m, r in runs.items()}}
+    if "ceiling_rank_ic" in full.meta.extra:
+        summary["ceiling_rank_ic"] = full.meta.extra["ceiling_rank_ic"]
+    if robustness:
+        summary["robustness"] = {"m": robustness, "models": {m: aggregate(r)["holdout"] for m, r in runs.items()},
+                                 "holdout_stocks": {str(r["seed"]): r["holdout_stocks"]
+                                                    for r in runs[models[0]]}}
+    summary["markdown"] = markdown_table(summary)
+    atomic_write_json(out / "baselines.json", _clean(summary))
+    atomic_write_json(out / "runs.json", _clean(runs))
+    return summary
+
+
+def _config_dict(cfg: BaselineConfig) -> dict[str, Any]:
+    d = dataclasses.asdict(cfg)
+    d["factorvae_config"] = None if cfg.factorvae_config is None else str(cfg.factorvae_config)
+    d["factorvae_overrides"] = list(cfg.factorvae_overrides)
+    return d
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m fvae.baselines", description="Baselines on FactorVAE's split.")
+    p.add_argument("--data", type=Path, required=True, help="shard folder")
+    p.add_argument("--out", type=Path, required=True, help="output folder for baselines.json")
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma list from {','.join(MODELS)}")
+    p.add_argument("--seeds", default="0,1,2", help="comma list of integer seeds")
+    p.add_argument("--hidden", type=int, default=None, help="MLP/GRU hidden size (64)")
+    p.add_argument("--epochs", type=int, default=None, help="MLP/GRU epochs (30)")
+    p.add_argument("--lr", type=float, default=None, help="MLP/GRU learning rate (1e-3)")
+    p.add_argument("--patience", type=int, default=None, help="MLP/GRU early-stopping patience (5)")
+    p.add_argument("--batch-days", type=int, default=None, help="MLP/GRU days per batch (16)")
+    p.add_argument("--config", type=Path, default=None, help="FactorVAE YAML (fvae.train)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="FactorVAE override")
+    p.add_argument("--debug", action="store_true", help="tiny models that train in seconds")
+    p.add_argument("--robustness", type=int, default=0, metavar="M", help="hold M random stocks out of training")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from fvae.config import ConfigError
+
+    try:
+        try:
+            seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip())
+        except ValueError:
+            raise ValueError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
+        base = DEBUG if args.debug else BaselineConfig()
+        given = {"hidden": args.hidden, "epochs": args.epochs, "lr": args.lr, "patience": args.patience,
+                 "batch_days": args.batch_days}
+        cfg = dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None},
+                                  factorvae_config=args.config,
+                                  factorvae_overrides=tuple(base.factorvae_overrides) + tuple(args.overrides))
+        models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+        summary = run_baselines(args.data, out=args.out, models=models, seeds=seeds, cfg=cfg,
+                                robustness=args.robustness)
+    except (DataError, ValueError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(summary["markdown"])
+    print(f"[baselines] wrote {args.out / 'baselines.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

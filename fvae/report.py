@@ -1,0 +1,572 @@
+"""One self-contained HTML report of a training run or a hyperparameter search.
+
+    python -m fvae.report RUN_OR_EXP_DIR --out report.html [--data DIR] [--baselines FILE]
+                          [--topk K --n-drop N]
+
+RUN_OR_EXP_DIR is a run directory of ``fvae.train`` (metrics.json, pred_*.parquet, ...) or an
+experiment directory of ``fvae.tune`` (summary.json; the report then covers its best trial's run
+directory and adds the search). Sections, with stable ids:
+
+    metrics    IC, ICIR, Rank IC, Rank ICIR: FactorVAE valid/test, baselines.json if present
+               (RUN_DIR/baselines.json, EXP_DIR/baselines.json or --baselines), the synthetic
+               market's ceiling; training curves
+    equity     cumulative returns of TopK-Drop and mean-variance, benchmark, excess (fvae.backtest;
+               run into RUN_DIR/backtest when its outputs are absent)
+    drawdown   drawdowns of the same
+    factors    factor returns, correlations, clustering, sectors (fvae.factors; run into
+               RUN_DIR/factors when absent)
+    search     best trials, Optuna parameter importance, validation Rank ICIR vs each parameter
+
+Plots are embedded as base64 PNG and the page loads nothing from outside. A missing piece
+becomes a short "not available because ..." note instead of an error. A small inline script
+marks each image with ``data-decoded`` once the page has loaded and warns if one failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import dataclasses
+import html
+import io
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from fvae.data.shards import DataError
+
+SECTIONS = ("metrics", "equity", "drawdown", "factors", "search")
+METRIC_COLS = (("ic", "IC"), ("icir", "ICIR"), ("rank_ic", "Rank IC"), ("rank_icir", "Rank ICIR"))
+
+
+class ReportError(ValueError):
+    """The report's input directory is neither a run nor a search directory."""
+
+
+# --------------------------------------------------------------------------- HTML pieces
+
+
+def _esc(x: Any) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _img(path_or_bytes: Path | bytes, alt: str) -> str:
+    data = path_or_bytes if isinstance(path_or_bytes, bytes) else Path(path_or_bytes).read_bytes()
+    return (f'<figure><img alt="{_esc(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
+            f"<figcaption>{_esc(alt)}</figcaption></figure>")
+
+
+def _na(why: str) -> str:
+    return f'<p class="na">Not available because {_esc(why)}.</p>'
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return _esc(v)
+
+
+def _pct(v: Any) -> str:
+    return "–" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{100 * v:.2f}%"
+
+
+def _table(head: list[str], rows: list[list[str]], cls: str = "") -> str:
+    th = "".join(f"<th>{h}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
+    return f'<table class="{cls}"><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _fig_png(fig: Any) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1100px;color:#222;
+padding:0 1em}h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.8em}
+table{border-collapse:collapse;margin:.8em 0;font-size:.9em}th,td{border:1px solid #ddd;padding:.3em .6em;
+text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
+figure{margin:1em 0}img{max-width:100%;height:auto;border:1px solid #eee}figcaption{font-size:.85em;color:#666}
+.na{color:#8a5a00;background:#fff6e0;padding:.4em .7em;border-left:3px solid #e0a000}.meta{color:#666;
+font-size:.9em}code{background:#f4f4f4;padding:0 .2em}#img-warning{color:#b00}
+"""
+
+SCRIPT = """
+window.addEventListener('load', function () {
+  var imgs = document.images, bad = 0;
+  for (var i = 0; i < imgs.length; i++) {
+    var ok = imgs[i].complete && imgs[i].naturalWidth > 0;
+    imgs[i].setAttribute('data-decoded', ok ? '1' : '0');
+    imgs[i].setAttribute('data-natural-width', String(imgs[i].naturalWidth));
+    if (!ok) bad++;
+  }
+  document.body.setAttribute('data-images', String(imgs.length));
+  document.body.setAttribute('data-images-failed', String(bad));
+  if (bad) document.getElementById('img-warning').textContent = bad + ' image(s) failed to decode.';
+});
+"""
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclasses.dataclass
+class Inputs:
+    """What the report is about: a run directory, and the search around it if any."""
+
+    source: Path
+    run_dir: Path | None
+    summary: dict[str, Any] | None  # fvae.tune's summary.json
+    metrics: dict[str, Any] | None  # the run's metrics.json
+    data: Path | None
+    notes: dict[str, str]
+
+
+def resolve_inputs(path: str | Path, *, data: str | Path | None = None) -> Inputs:
+    """Decide whether ``path`` is a run directory or a search directory and read its JSON."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ReportError(f"{path}: not a directory")
+    notes: dict[str, str] = {}
+    summary, run_dir = None, None
+    if (path / "summary.json").is_file():
+        summary = _read_json(path / "summary.json")
+        best = summary.get("best") or {}
+        tid = best.get("trial_id")
+        if tid is None:
+            notes["run"] = "the search has no finished trial"
+        else:
+            cand = [Path(t["run_dir"]) for t in summary.get("trials", []) if t.get("trial_id") == tid
+                    and t.get("run_dir")] + [path / "trials" / str(tid)]
+            run_dir = next((c for c in cand if (c / "metrics.json").is_file()), None)
+            if run_dir is None:
+                notes["run"] = f"the best trial {tid}'s run directory (with metrics.json) was not found"
+    elif (path / "metrics.json").is_file():
+        run_dir = path
+    else:
+        raise ReportError(f"{path}: neither a run directory (metrics.json) nor a search directory (summary.json)")
+    metrics = _read_json(run_dir / "metrics.json") if run_dir is not None else None
+    data_dir = Path(data) if data is not None else None
+    if data_dir is None:
+        guess = (metrics or {}).get("data") or (summary or {}).get("data")
+        if guess and (Path(guess) / "meta.json").is_file():
+            data_dir = Path(guess)
+    return Inputs(source=path, run_dir=run_dir, summary=summary, metrics=metrics, data=data_dir, notes=notes)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ReportError(f"{path}: not valid JSON ({e})") from None
+
+
+def find_baselines(inp: Inputs, explicit: str | Path | None) -> Path | None:
+    cands = [Path(explicit)] if explicit else []
+    cands += [d / "baselines.json" for d in (inp.run_dir, inp.source) if d is not None]
+    cands += [d / "baselines" / "baselines.json" for d in (inp.run_dir, inp.source) if d is not None]
+    return next((c for c in cands if c.is_file()), None)
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def section_metrics(inp: Inputs, baselines: Path | None) -> str:
+    if inp.metrics is None:
+        return _na(inp.notes.get("run", "no run directory was found"))
+    rows = []
+    for seg in ("valid", "test"):
+        m = inp.metrics.get(seg)
+        if m:
+            rows.append([f"FactorVAE ({seg})", *[_fmt(m.get(k)) for k, _ in METRIC_COLS], _fmt(m.get("days"))])
+    parts = []
+    if baselines is not None:
+        try:
+            bl = _read_json(baselines)
+            for name, agg in bl.get("models", {}).items():
+                for seg in ("valid", "test"):
+                    if seg in agg:
+                        cells = []
+                        for k, _ in METRIC_COLS:
+                            c = agg[seg].get(k) or {}
+                            s = _fmt(c.get("mean"))
+                            if c.get("std") is not None:
+                                s += f" ± {_fmt(c['std'])}"
+                            cells.append(s)
+                        n = len(bl.get("seeds", []))
+                        rows.append([f"{_esc(name)} ({seg}, {n} seed{'s' if n != 1 else ''})", *cells, ""])
+            rob = bl.get("robustness")
+            if rob:
+                rrows = [[_esc(n), *[(_fmt((a.get(k) or {}).get("mean")) +
+                                      (f" ± {_fmt(a[k]['std'])}" if (a.get(k) or {}).get("std") is not None else ""))
+                                     for k in ("rank_ic", "rank_icir")]] for n, a in rob["models"].items()]
+                parts.append(f"<h3>Robustness: {rob['m']} stocks removed from training (test Rank IC on them)</h3>"
+                             + _table(["model", "Rank IC", "Rank ICIR"], rrows))
+        except (ReportError, KeyError, TypeError, AttributeError) as e:
+            parts.append(_na(f"{baselines} could not be read ({e})"))
+    else:
+        parts.append(_na("no baselines.json was found (run python -m fvae.baselines --out RUN_DIR)"))
+    ceiling = inp.metrics.get("ceiling_rank_ic")
+    if ceiling:
+        for seg in ("valid", "test"):
+            if seg in ceiling:
+                rows.append([f"ceiling: true μ ({seg})", "–", "–", _fmt(float(ceiling[seg])), "–", "–"])
+    out = _table(["model (segment)", *[h for _, h in METRIC_COLS], "days"], rows, "metrics")
+    out += "".join(parts)
+    be = inp.metrics.get("best_epoch")
+    extra = [f"best epoch {be + 1 if isinstance(be, int) else '–'} of {inp.metrics.get('epochs_run', '–')} run "
+             "(selected on validation Rank ICIR)"]
+    out += f'<p class="meta">{_esc(", ".join(extra))}; run directory <code>{_esc(inp.run_dir)}</code></p>'
+    curves = inp.run_dir / "curves.png" if inp.run_dir else None
+    out += _img(curves, "Training curves") if curves and curves.is_file() else _na("curves.png is missing")
+    return out
+
+
+def ensure_backtest(inp: Inputs, *, topk: int | None, n_drop: int | None, progress: bool) -> tuple[Path | None, str]:
+    """RUN_DIR/backtest with backtest.json, running fvae.backtest if absent; (folder, note)."""
+    from fvae import backtest as bt
+
+    if inp.run_dir is None:
+        return None, inp.notes.get("run", "no run directory was found")
+    folder = inp.run_dir / "backtest"
+    if (folder / "backtest.json").is_file() and topk is None and n_drop is None:
+        return folder, ""
+    pred = inp.run_dir / "pred_test.parquet"
+    if not pred.is_file():
+        return None, f"{pred} is missing"
+    note = ""
+    cfg = bt.BacktestConfig()
+    try:
+        if topk is None:
+            # a small universe (a tiny synthetic market) cannot hold the paper's 50 names meaningfully
+            sizes = pd.read_parquet(pred, columns=["datetime"]).groupby("datetime").size()
+            med = int(sizes.median())
+            if med < 4 * cfg.topk:
+                k = max(1, med // 5)
+                note = (f"TopK-Drop uses k = {k}, n = {max(1, k // 10)} because the median universe has {med} "
+                        f"stocks (the paper's k = {cfg.topk} needs several hundred)")
+                topk, n_drop = k, max(1, k // 10)
+        cfg = dataclasses.replace(cfg, topk=topk or cfg.topk, n_drop=n_drop if n_drop is not None else cfg.n_drop)
+        if progress:
+            print(f"[report] running the backtest into {folder}", flush=True)
+        bt.run_backtest(pred, out=folder, data=inp.data, cfg=cfg, progress=progress)
+    except (DataError, ValueError) as e:
+        try:  # mean-variance needs the risk model; TopK-Drop alone may still run
+            cfg = dataclasses.replace(cfg, strategies=("topk",))
+            bt.run_backtest(pred, out=folder, data=inp.data, cfg=cfg, progress=progress)
+            note = (note + "; " if note else "") + f"mean-variance skipped: {e}"
+        except (DataError, ValueError) as e2:
+            return None, f"the backtest failed: {e2}"
+    return folder, note
+
+
+def section_equity(folder: Path | None, note: str) -> str:
+    if folder is None:
+        return _na(note)
+    res = _read_json(folder / "backtest.json")
+    rows = []
+    for name, s in res["strategies"].items():
+        for side in ("gross", "net"):
+            m = s[side]
+            rows.append([f"{_esc(s['label'])} ({side})", _pct(m["annual_return"]), _pct(m["annual_volatility"]),
+                         _fmt(m["sharpe"], 2), _fmt(m.get("information_ratio"), 2), _pct(m["max_drawdown"]),
+                         _fmt(s["mean_turnover"], 3)])
+    b = res["benchmark"]
+    rows.append([f"benchmark ({_esc(b['name'])})", _pct(b["annual_return"]), _pct(b["annual_volatility"]),
+                 _fmt(b["sharpe"], 2), "–", _pct(b["max_drawdown"]), "–"])
+    c = res["config"]
+    out = (f'<p class="meta">Test segment {res["start"]} … {res["end"]}; TopK-Drop k = {c["topk"]}, n = '
+           f'{c["n_drop"]}; mean-variance λ = {c["risk_aversion"]}, cap {c["max_weight"]}, turnover ≤ '
+           f'{c["max_turnover"]}; costs {c["buy_cost_bps"]} bps buy / {c["sell_cost_bps"]} bps sell.</p>')
+    if note:
+        out += f'<p class="meta">{_esc(note)}.</p>'
+    out += _table(["strategy", "annual return", "volatility", "Sharpe", "IR vs benchmark", "max drawdown",
+                   "turnover/day"], rows)
+    png = folder / "cumulative.png"
+    out += _img(png, "Cumulative return: strategies (net and gross), benchmark, excess") if png.is_file() \
+        else _na("cumulative.png is missing")
+    return out
+
+
+def section_drawdown(folder: Path | None, note: str) -> str:
+    if folder is None:
+        return _na(note)
+    png = folder / "drawdown.png"
+    return _img(png, "Drawdown from the running peak (net of costs)") if png.is_file() else _na(
+        "drawdown.png is missing")
+
+
+def section_factors(inp: Inputs, *, progress: bool) -> str:
+    from fvae import factors as ff
+
+    if inp.run_dir is None:
+        return _na(inp.notes.get("run", "no run directory was found"))
+    folder = inp.run_dir / "factors"
+    try:
+        if not (folder / "factors.json").is_file():
+            ff.analyze_factors(inp.run_dir, out=folder, progress=progress)
+        res = _read_json(folder / "factors.json")
+    except DataError as e:
+        return _na(f"the factor analysis failed: {e}")
+    rows = [[f, _fmt(d.get("realised_mean")), _fmt(d.get("realised_std")), _fmt(d.get("realised_t_stat"), 2),
+             _fmt(d.get("prior_mean")), _fmt(d.get("prior_realised_corr"), 3),
+             _esc((res.get("sectors", {}).get("best_sector") or {}).get(f, "–"))]
+            for f, d in res["factors"].items()]
+    out = (f'<p class="meta">{res["num_factors"]} factors over {res["days"]} test days; realised factor returns '
+           f'from the daily cross-sectional regression of returns on the model\'s β (mean R² '
+           f'{_fmt(res.get("mean_cross_sectional_r2"), 3)}).</p>')
+    out += _table(["factor", "realised mean", "realised std", "t-stat", "prior mean μ_z", "corr(prior, realised)",
+                   "closest sector"], rows)
+    captions = {"factor_returns.png": "Factor return series", "factor_corr.png": "Factor correlations",
+                "factor_dendrogram.png": "Hierarchical clustering of the factors",
+                "factor_sectors.png": "Factor returns vs sector returns"}
+    for name, cap in captions.items():
+        if (folder / name).is_file():
+            out += _img(folder / name, cap)
+    sec = res.get("sectors", {})
+    if not sec.get("available"):
+        out += _na(f"the sector analysis was skipped: {sec.get('reason', 'unknown')}")
+    if res.get("cluster_note"):
+        out += _na(res["cluster_note"])
+    return out
+
+
+def _trials_frame(summary: dict[str, Any]) -> tuple[pd.DataFrame, list[str]]:
+    """Finished trials (finite validation Rank ICIR) as a frame: params as columns + ``value``."""
+    rows, keys = [], []
+    for t in summary.get("trials", []):
+        v = t.get("valid_rank_icir")
+        if v is None or not isinstance(v, (int, float)) or not math.isfinite(v) or t.get("status") == "ERROR":
+            continue
+        params = t.get("params") or {}
+        for k in params:
+            if k not in keys:
+                keys.append(k)
+        rows.append({"trial_id": t.get("trial_id"), "value": float(v), "epochs": t.get("epochs"), **params})
+    return pd.DataFrame(rows), keys
+
+
+def param_importance(summary: dict[str, Any]) -> tuple[dict[str, float], str]:
+    """Optuna's fANOVA importances on an in-memory study rebuilt from summary.json's trials.
+
+    Distributions are inferred from the values: bool and str → categorical; int → IntDistribution
+    over [min, max]; float → FloatDistribution over [min, max], log-scaled when positive and
+    spanning ≥ 2 decades. Only parameters that every finished trial has and that vary are used.
+    Fallback when optuna's evaluator cannot run (e.g. scikit-learn missing): the absolute Spearman
+    correlation of each parameter (categories as their mean-value rank) with the validation
+    Rank ICIR, normalised to sum to 1. Returns (importances, method).
+    """
+    df, keys = _trials_frame(summary)
+    if len(df) < 2:
+        raise ValueError(f"{len(df)} finished trial(s); importance needs at least 2")
+    usable = [k for k in keys if k in df and df[k].notna().all() and df[k].astype(str).nunique() > 1]
+    if not usable:
+        raise ValueError("no parameter varies across the finished trials")
+    try:
+        import optuna
+        from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        dists: dict[str, Any] = {}
+        for k in usable:
+            vals = df[k].tolist()
+            if all(isinstance(v, bool) for v in vals) or any(isinstance(v, str) for v in vals):
+                dists[k] = CategoricalDistribution(sorted({v for v in vals}, key=str))
+            elif all(isinstance(v, (int, np.integer)) for v in vals):
+                dists[k] = IntDistribution(int(min(vals)), int(max(vals)))
+            else:
+                lo, hi = float(min(vals)), float(max(vals))
+                dists[k] = FloatDistribution(lo, hi, log=bool(lo > 0 and hi / lo >= 100))
+        study = optuna.create_study(direction="maximize")
+        for _, r in df.iterrows():
+            params = {k: (float(r[k]) if isinstance(dists[k], FloatDistribution) else
+                          int(r[k]) if isinstance(dists[k], IntDistribution) else r[k]) for k in usable}
+            study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=float(r["value"])))
+        imp = optuna.importance.get_param_importances(study)
+        return {k: float(v) for k, v in imp.items()}, "optuna fANOVA (optuna.importance.get_param_importances)"
+    except (ImportError, RuntimeError, ValueError) as e:
+        from scipy.stats import spearmanr
+
+        scores = {}
+        for k in usable:
+            col = df[k]
+            if col.map(lambda v: isinstance(v, (str, bool))).any():
+                col = col.astype(str).map(df.groupby(df[k].astype(str))["value"].mean())
+            rho = spearmanr(col.astype(float), df["value"]).statistic
+            scores[k] = abs(float(rho)) if math.isfinite(rho) else 0.0
+        tot = sum(scores.values()) or 1.0
+        return ({k: v / tot for k, v in sorted(scores.items(), key=lambda kv: -kv[1])},
+                f"|Spearman ρ| with the validation Rank ICIR, normalised (optuna unavailable: {e})")
+
+
+def section_search(inp: Inputs) -> str:
+    if inp.summary is None:
+        return _na("this is a single training run, not a search directory (summary.json)")
+    s = inp.summary
+    trials = s.get("trials", [])
+    df, keys = _trials_frame(s)
+    errors = [t for t in trials if t.get("status") == "ERROR"]
+    best = s.get("best") or {}
+    out = (f'<p class="meta">Search space {_esc(s.get("space", "?"))}: {len(trials)} trials, {len(df)} with a '
+           f'validation Rank ICIR, {len(errors)} failed, {s.get("asha_stopped", "–")} stopped early by ASHA; '
+           f'selection by {_esc(s.get("metric", "valid_rank_icir"))}.</p>')
+    if best:
+        t = best.get("test") or {}
+        out += (f'<p>Best trial <b>{_esc(best.get("trial_id"))}</b>: validation Rank ICIR '
+                f'{_fmt(best.get("valid_rank_icir"), 3)}; test Rank IC {_fmt(t.get("rank_ic"))}, Rank ICIR '
+                f'{_fmt(t.get("rank_icir"), 3)}.</p>')
+    if len(df):
+        top = df.sort_values(["value", "trial_id"], ascending=[False, True]).head(10)
+        rows = [[_esc(r["trial_id"]), _fmt(r["value"], 3), _fmt(r["epochs"]),
+                 *[_fmt(r[k], 5) if isinstance(r.get(k), float) else _esc(r.get(k, "–")) for k in keys]]
+                for _, r in top.iterrows()]
+        out += "<h3>Best trials</h3>" + _table(["trial", "valid Rank ICIR", "epochs", *map(_esc, keys)], rows)
+    else:
+        out += _na("no trial finished with a validation Rank ICIR")
+    if errors:
+        out += "<h3>Failed trials</h3>" + _table(["trial", "error"], [[_esc(t.get("trial_id")),
+                                                                       _esc(t.get("error") or "")] for t in errors])
+    plt = _plt()
+    try:
+        imp, method = param_importance(s)
+        fig, ax = plt.subplots(figsize=(7, 0.45 * len(imp) + 1.2))
+        names = list(imp)[::-1]
+        ax.barh(names, [imp[n] for n in names], color="C0")
+        ax.set_xlabel("importance")
+        ax.set_title("Parameter importance for validation Rank ICIR")
+        ax.grid(axis="x", alpha=0.3)
+        fig.tight_layout()
+        out += "<h3>Parameter importance</h3>" + f'<p class="meta">{_esc(method)}</p>' + _img(
+            _fig_png(fig), "Parameter importance")
+    except ValueError as e:
+        out += "<h3>Parameter importance</h3>" + _na(str(e))
+    usable = [k for k in keys if k in df and df[k].notna().any()]
+    if usable:
+        ncol = min(3, len(usable))
+        nrow = math.ceil(len(usable) / ncol)
+        fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.2 * nrow), squeeze=False)
+        for ax, k in zip(axes.flat, usable):
+            sub = df[df[k].notna()]
+            x = sub[k]
+            if x.map(lambda v: isinstance(v, (str, bool))).any():
+                cats = sorted(x.astype(str).unique())
+                pos = x.astype(str).map({c: i for i, c in enumerate(cats)}).to_numpy(float)
+                jitter = np.random.default_rng(0).uniform(-0.12, 0.12, len(pos))
+                ax.scatter(pos + jitter, sub["value"], alpha=0.8)
+                ax.set_xticks(range(len(cats)), cats)
+            else:
+                xv = x.astype(float).to_numpy()
+                ax.scatter(xv, sub["value"], alpha=0.8)
+                if xv.min() > 0 and xv.max() / xv.min() >= 10:
+                    ax.set_xscale("log")
+            if best.get("trial_id") is not None:
+                b = sub[sub["trial_id"] == best["trial_id"]]
+                if len(b):
+                    bx = b[k].astype(str).map({c: i for i, c in enumerate(sorted(x.astype(str).unique()))}) \
+                        if x.map(lambda v: isinstance(v, (str, bool))).any() else b[k].astype(float)
+                    ax.scatter(bx, b["value"], marker="*", s=160, color="C3", zorder=3)
+            ax.set_title(k, fontsize=9)
+            ax.set_ylabel("valid Rank ICIR", fontsize=8)
+            ax.grid(alpha=0.3)
+        for ax in list(axes.flat)[len(usable):]:
+            ax.axis("off")
+        fig.tight_layout()
+        out += "<h3>Validation Rank ICIR vs each parameter</h3>" + _img(
+            _fig_png(fig), "Validation Rank ICIR per trial vs parameter (★ best trial)")
+    trials_png = inp.source / "trials.png"
+    if trials_png.is_file():
+        out += _img(trials_png, "Validation Rank ICIR of every trial per epoch")
+    return out
+
+
+# --------------------------------------------------------------------------- the page
+
+
+def build_report(path: str | Path, *, out: str | Path, data: str | Path | None = None,
+                 baselines: str | Path | None = None, topk: int | None = None, n_drop: int | None = None,
+                 progress: bool = True) -> Path:
+    """Write the HTML report of a run or search directory to ``out``; returns its path."""
+    t0 = time.time()
+    inp = resolve_inputs(path, data=data)
+    bl = find_baselines(inp, baselines)
+    body: dict[str, str] = {}
+    titles = {"metrics": "Signal metrics", "equity": "Backtest: cumulative returns", "drawdown": "Drawdowns",
+              "factors": "Factor analysis", "search": "Hyperparameter search"}
+
+    def guarded(name: str, fn: Any) -> None:
+        try:
+            body[name] = fn()
+        except (DataError, ReportError, ValueError, KeyError, OSError) as e:
+            body[name] = _na(f"building this section failed ({type(e).__name__}: {e})")
+
+    guarded("metrics", lambda: section_metrics(inp, bl))
+    folder, note = None, ""
+    try:
+        folder, note = ensure_backtest(inp, topk=topk, n_drop=n_drop, progress=progress)
+    except (DataError, ValueError, KeyError, OSError) as e:
+        note = f"the backtest failed ({type(e).__name__}: {e})"
+    guarded("equity", lambda: section_equity(folder, note))
+    guarded("drawdown", lambda: section_drawdown(folder, note))
+    guarded("factors", lambda: section_factors(inp, progress=progress))
+    guarded("search", lambda: section_search(inp))
+
+    kind = "search" if inp.summary is not None else "run"
+    nav = " · ".join(f'<a href="#{s}">{titles[s]}</a>' for s in SECTIONS)
+    sections = "".join(f'<section id="{s}"><h2>{titles[s]}</h2>{body[s]}</section>' for s in SECTIONS)
+    page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>FactorVAE report: '
+            f'{_esc(inp.source.name)}</title><style>{CSS}</style></head><body>'
+            f'<h1>FactorVAE report</h1><p class="meta">{kind} directory <code>{_esc(inp.source)}</code>'
+            f'{f"; data <code>{_esc(inp.data)}</code>" if inp.data else ""}; generated '
+            f'{time.strftime("%Y-%m-%d %H:%M")}</p><p id="img-warning"></p><nav>{nav}</nav>{sections}'
+            f"<script>{SCRIPT}</script></body></html>")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(out)
+    if progress:
+        print(f"[report] wrote {out} ({len(page) / 1e6:.1f} MB) in {time.time() - t0:.1f}s", flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fvae.report", description="HTML report of a run or search.")
+    p.add_argument("path", type=Path, help="run directory (fvae.train) or experiment directory (fvae.tune)")
+    p.add_argument("--out", type=Path, required=True, help="HTML file to write")
+    p.add_argument("--data", type=Path, default=None, help="shard folder (default: the one metrics.json names)")
+    p.add_argument("--baselines", type=Path, default=None, help="baselines.json of python -m fvae.baselines")
+    p.add_argument("--topk", type=int, default=None, help="TopK-Drop k (default 50, less for small universes)")
+    p.add_argument("--n-drop", type=int, default=None, help="TopK-Drop n")
+    args = p.parse_args(argv)
+    try:
+        build_report(args.path, out=args.out, data=args.data, baselines=args.baselines, topk=args.topk,
+                     n_drop=args.n_drop)
+    except (ReportError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
