@@ -12,7 +12,8 @@ can be learnt from the features observed up to day t:
     x_{i,t}  = [s_{i,t} + observation noise, y_{i,t-1}]                      (C channels, observed)
     m_{i,t}  = mean of x_{i,t-L+1..t}[:C-1]                                   (what the model must infer)
     β_{i,t}  = b + m_{i,t} W_β                                                (K)
-    α_{i,t}  = a (tanh(m_{i,t} w_α) + m_{i,t,0} m_{i,t,1} / 2)               (non-linear on purpose)
+    α_{i,t}  = a (0.3 tanh(m_{i,t} w_α) + 2 m_{i,t,0} m_{i,t,1})              (mostly an interaction:
+                                                                              a linear model misses it)
 
 The expected return μ_{i,t} = α_{i,t} + β_{i,t} μ_z is the best any model can
 predict. Its mean daily Rank IC against the realised return is recorded per
@@ -101,11 +102,11 @@ def generate(cfg: SyntheticConfig) -> tuple[pd.DataFrame, dict]:
     b_beta = np.concatenate([[1.0], np.zeros(K - 1)])  # factor 0 is the market
     beta = b_beta + m @ W_beta  # (D, N, K)
     w_alpha = rng.standard_normal(Cs) / np.sqrt(Cs)
-    a = 0.0032 * cfg.snr
-    alpha = a * (np.tanh(m @ w_alpha) + 0.5 * m[..., 0] * m[..., 1])  # (D, N)
+    a = 0.0025 * cfg.snr
+    alpha = a * (0.3 * np.tanh(m @ w_alpha) + 2.0 * m[..., 0] * m[..., 1])  # (D, N)
 
     sigma_z = np.array([0.010] + [0.005] * (K - 1))
-    mu_z = cfg.snr * np.array([0.0015] + [0.002 * (-1) ** k for k in range(1, K)])
+    mu_z = cfg.snr * np.array([0.0008] + [0.001 * (-1) ** k for k in range(1, K)])
     z = mu_z + sigma_z * rng.standard_normal((D, K))  # (D, K)
     sigma_eps = 0.02
     mu_true = alpha + beta @ mu_z  # (D, N) expected return
