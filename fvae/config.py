@@ -138,8 +138,21 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: '{k}' is not a section")
-        node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        node[keys[-1]] = _parse_scalar(raw)
     return out
+
+
+def _parse_scalar(raw: str) -> Any:
+    """A --set value as YAML, except that '2e-3' is a number (YAML 1.1 reads it as a string)."""
+    if not raw.strip():
+        return ""
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
