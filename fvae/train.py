@@ -344,6 +344,10 @@ def fit(cfg: Config, *, data: Path, out: Path, d: Dist, report: Reporter | None 
 
     if tcfg.patience and bad_epochs >= tcfg.patience:
         stopped_early = True
+    if report is not None and history and not any(h["epoch"] >= start_epoch for h in history):
+        # resumed with nothing left to train: report the last epoch again, so that a caller
+        # waiting for metrics (a Tune trial restored after its run had finished) gets them
+        report(history[-1], None)
     result = {"history": history, "best_epoch": best["epoch"], "stopped_early": stopped_early,
               "epochs_run": len(history)}
     if best_state is not None:

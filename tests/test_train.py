@@ -149,3 +149,16 @@ def test_golden_loss_debug_config(tiny_market, tmp_path):
 
 
 GOLDEN = (1.735141, 1.449383, 0.285758, 0.030232)
+
+
+def test_resumed_finished_run_reports_its_last_epoch(tiny_market, tmp_path):
+    """A Tune trial restored after its run had finished must still hand Tune a metric."""
+    from fvae.train import Dist, fit
+
+    cfg = _cfg("train.epochs=1")
+    run_standalone(cfg, data=tiny_market, out=tmp_path / "r")
+    state = load_state(tmp_path / "r" / "checkpoints" / "last")
+    reports = []
+    fit(cfg, data=tiny_market, out=tmp_path / "r", d=Dist(), resume=state,
+        report=lambda metrics, ckpt: reports.append(metrics), write_outputs=False)
+    assert len(reports) == 1 and reports[0]["valid_rank_icir"] == state["history"][-1]["valid_rank_icir"]
