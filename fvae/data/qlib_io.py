@@ -68,6 +68,7 @@ _ALIASES = {
 }
 _REQUIRED = ("open", "high", "low", "close", "volume")
 _NUMERIC = ("open", "high", "low", "close", "volume", "adjusted_close", "vwap")
+_MARKET_OK = re.compile(r"^[A-Za-z0-9_\-]+$")
 _SYMBOL_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-^=&]*$")
 _QLIB_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(10)), *(f"LPT{i}" for i in range(10))}
 _NORM_CHUNK = 60  # feature columns normalised at a time (bounds the float64 working copy)
@@ -158,9 +159,6 @@ def import_ohlcv(input_path: str | Path, *, out: str | Path, market: str = "all"
     return info
 
 
-_MARKET_OK = re.compile(r"^[A-Za-z0-9_\-]+$")
-
-
 def code_to_fname(code: str) -> str:
     """qlib's ``qlib.utils.code_to_fname``: Windows device names get a ``_qlib_`` prefix.
 
@@ -238,8 +236,11 @@ def _read_parquet(path: Path) -> pd.DataFrame:
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
+    """Read a CSV file; symbol columns as text, so that codes like 000001 keep their zeros."""
     try:
-        return pd.read_csv(path)
+        header = pd.read_csv(path, nrows=0).columns
+        text = {c: str for c in header if _norm_name(c) in _ALIASES["symbol"]}
+        return pd.read_csv(path, dtype=text)
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: empty file (expected a header and rows)") from None
     except (pd.errors.ParserError, UnicodeDecodeError, OSError) as e:
@@ -248,7 +249,7 @@ def _read_csv(path: Path) -> pd.DataFrame:
 
 def _canonical(raw: pd.DataFrame, *, where: str, symbol: str | None) -> pd.DataFrame:
     """Rename, type-check and convert one input table; see ``_read_panel``."""
-    norm = {c: re.sub(r"[\s\-]+", "_", str(c).strip().lower()) for c in raw.columns}
+    norm = {c: _norm_name(c) for c in raw.columns}
     by_name: dict[str, str] = {}
     for orig, n in norm.items():
         canon = next((k for k, al in _ALIASES.items() if n in al), n)
@@ -264,7 +265,8 @@ def _canonical(raw: pd.DataFrame, *, where: str, symbol: str | None) -> pd.DataF
     if symbol is None:
         sym = raw[by_name["symbol"]]
         if sym.isna().any():
-            raise DataError(f"{where}: column {by_name['symbol']!r} has a missing symbol on row {int(np.argmax(sym.isna().to_numpy()))}")
+            row = int(np.argmax(sym.isna().to_numpy()))
+            raise DataError(f"{where}: column {by_name['symbol']!r} has a missing symbol on row {row}")
         sym = sym.astype(str).str.strip().str.upper()
     else:
         sym = pd.Series(symbol.strip().upper(), index=raw.index)
@@ -286,11 +288,19 @@ def _canonical(raw: pd.DataFrame, *, where: str, symbol: str | None) -> pd.DataF
     return out
 
 
+def _norm_name(column: object) -> str:
+    """Column names compare case-insensitively, with spaces and dashes as underscores ("Adj Close")."""
+    return re.sub(r"[\s\-]+", "_", str(column).strip().lower())
+
+
 def _parse_dates(col: pd.Series, *, where: str, column: str, symbols: pd.Series) -> pd.Series:
     if pd.api.types.is_datetime64_any_dtype(col):
         parsed = col
     else:
-        parsed = pd.to_datetime(col, errors="coerce")
+        if pd.api.types.is_integer_dtype(col):  # 20150102, not nanoseconds since 1970
+            parsed = pd.to_datetime(col.astype(str), format="%Y%m%d", errors="coerce")
+        else:
+            parsed = pd.to_datetime(col, errors="coerce")
         bad = parsed.isna() & col.notna()
         if bad.any():
             i = int(np.argmax(bad.to_numpy()))
@@ -651,8 +661,9 @@ def compute_raw(qdir: QlibDir, *, handler: str, start: pd.Timestamp, end: pd.Tim
 
     if engine_fields:
         t0 = time.perf_counter()
+        what = "--label" if handler == "Alpha360" else "--handler/--feature/--label"
         got = engine_features(qdir, engine_fields, engine_names, start=cal[lo], end=cal[hi], region=region,
-                              kernels=kernels, what="--label" if handler == "Alpha360" else "--handler/--feature/--label")
+                              kernels=kernels, what=what)
         got = got.reindex(pd.MultiIndex.from_arrays([dt, inst]))
         timings["qlib_engine"] = time.perf_counter() - t0
         if handler == "Alpha158":
@@ -665,8 +676,16 @@ def compute_raw(qdir: QlibDir, *, handler: str, start: pd.Timestamp, end: pd.Tim
         ret = _label_native(qdir, instruments, lo, hi, d, i)
         timings["label_native"] = time.perf_counter() - t0
     assert x is not None and ret is not None
-    return RawFeatures(datetime=dt, instrument=inst, x=x, ret=ret, feature_names=list(names), layout=layout, lookback=t_len, channels=channels,
-                       label_native=label_native, dropped_no_bar=dropped, timings=timings)
+    # qlib reads a field with no .bin file as all-NaN, silently: catch typos in user expressions here
+    if not np.isfinite(ret).any():
+        raise DataError(f"--label: {label!r} has no finite value on any row (a field without .bin files, "
+                        "or a range too short for its window?)")
+    for k, (name, expr) in enumerate(extras):
+        if np.isnan(x[:, len(names) - len(extras) + k]).all():
+            raise DataError(f"--feature: {name}={expr} is NaN on every row (a field without .bin files?)")
+    return RawFeatures(datetime=dt, instrument=inst, x=x, ret=ret, feature_names=list(names), layout=layout,
+                       lookback=t_len, channels=channels, label_native=label_native, dropped_no_bar=dropped,
+                       timings=timings)
 
 
 def _alpha360_native(qdir: QlibDir, instruments: list[str], lo: int, hi: int, d: np.ndarray, i: np.ndarray,
@@ -752,7 +771,9 @@ def engine_features(qdir: QlibDir, fields: list[str], names: list[str], *, start
     """qlib's ``D.features`` over the market: a (datetime, instrument)-indexed frame with columns ``names``."""
     init_qlib(qdir.root, region=region, kernels=kernels)
     from qlib.data import D
+    from qlib.data.cache import H
 
+    H.clear()  # qlib caches calendars, instrument lists and series per process; the files may have changed
     uniq = list(dict.fromkeys(fields))
     try:
         df = D.features(D.instruments(qdir.market), uniq, start_time=start, end_time=end, freq="day")
