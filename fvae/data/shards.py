@@ -125,15 +125,18 @@ def check_frame(df: pd.DataFrame, feature_names: list[str], *, where: str) -> No
         row = df.iloc[int(np.argmax(dup.to_numpy()))]
         raise DataError(f"{where}: {int(dup.sum())} duplicate (datetime, instrument) rows, "
                         f"first {row['instrument']} on {row['datetime'].date()}")
-    values = df[list(feature_names) + list(TARGET_COLUMNS)].to_numpy(dtype=np.float64, copy=False)
-    inf = np.isinf(values)
-    if inf.any():
-        col = (list(feature_names) + list(TARGET_COLUMNS))[int(np.argmax(inf.any(axis=0)))]
-        raise DataError(f"{where}: column '{col}' holds {int(inf.sum())} inf values; expected finite or NaN")
-    all_nan = np.isnan(values[:, : len(feature_names)]).all(axis=0)
-    if all_nan.any():
-        col = feature_names[int(np.argmax(all_nan))]
-        raise DataError(f"{where}: feature '{col}' is NaN on every row")
+    cols = list(feature_names) + list(TARGET_COLUMNS)
+    for i in range(0, len(cols), 64):  # a block of columns at a time: Alpha360 frames are GBs wide
+        block = cols[i:i + 64]
+        values = df[block].to_numpy(dtype=np.float32)
+        inf = np.isinf(values)
+        if inf.any():
+            col = block[int(np.argmax(inf.any(axis=0)))]
+            raise DataError(f"{where}: column '{col}' holds {int(inf.sum())} inf values; expected finite or NaN")
+        all_nan = np.isnan(values).all(axis=0)
+        for j, c in enumerate(block):
+            if all_nan[j] and c in feature_names:
+                raise DataError(f"{where}: feature '{c}' is NaN on every row")
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -197,7 +200,8 @@ def write_shards(folder: str | Path, df: pd.DataFrame, meta: Meta) -> Meta:
         part = df[years == year]
         table = pa.Table.from_pandas(part, preserve_index=False)
         sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, compression="zstd", row_group_size=1 << 17)
+        # dictionary-encode the symbols only: on float columns it makes files larger and slower
+        pq.write_table(table, sink, compression="zstd", use_dictionary=["instrument"], row_group_size=1 << 17)
         data = sink.getvalue().to_pybytes()
         name = f"{int(year)}.parquet"
         _atomic_write_bytes(shard_dir / name, data)
