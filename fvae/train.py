@@ -592,19 +592,38 @@ def make_trainer(cfg: Config, *, data: Path, out: Path, workers: int, gpu: bool,
     )
 
 
-def run_ray(cfg: Config, *, data: Path, out: Path, workers: int, gpu: bool, address: str | None = None,
-            resume: bool = False) -> None:
+def init_ray(*, address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to a cluster (``address``, or RAY_ADDRESS as ``ray job submit`` sets it), or start
+    a private local one with explicit CPUs and a bounded object store.
+
+    Ray Train's placement-group cleaner finds the State API by auto-detection, which fails when a
+    machine runs two Ray instances; a trial that ASHA stops then keeps its resources and the search
+    stalls. So the job's workers are told the dashboard address (RAY_API_SERVER_ADDRESS).
+    """
     import ray
 
+    if ray.is_initialized():
+        return
+    api = os.environ.get("RAY_API_SERVER_ADDRESS")
+    if address or os.environ.get("RAY_ADDRESS"):
+        env = {"env_vars": {"RAY_API_SERVER_ADDRESS": api}} if api else None
+        ray.init(address=address or os.environ["RAY_ADDRESS"], runtime_env=env)
+        return
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 2, object_store_memory=256 * 1024 * 1024,
+             include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+             runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
+
+
+def run_ray(cfg: Config, *, data: Path, out: Path, workers: int, gpu: bool, address: str | None = None,
+            resume: bool = False) -> None:
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    if not ray.is_initialized():
-        if address:
-            ray.init(address=address)
-        else:
-            # the dashboard hosts the State API that Ray Train's placement-group cleaner queries
-            ray.init(address="local", num_cpus=max(workers + 1, os.cpu_count() or 1),
-                     object_store_memory=256 * 1024 * 1024, include_dashboard=True)
+    init_ray(address=address, num_cpus=max(workers + 1, os.cpu_count() or 1))
     trainer = make_trainer(cfg, data=data, out=out, workers=workers, gpu=gpu,
                            storage_path=str(out / "ray"), name="train", resume=resume)
     trainer.fit()

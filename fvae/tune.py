@@ -34,7 +34,7 @@ from typing import Any
 from fvae import config as fconfig
 from fvae.data.shards import DataError, atomic_write_json, read_meta
 from fvae.space import SearchSpace, SpaceError, load_space
-from fvae.train import Config, NonFiniteLossError, load_config, load_state
+from fvae.train import Config, NonFiniteLossError, init_ray, load_config, load_state
 
 METRIC = "valid_rank_icir"
 DRIVER_CPUS = 0.1  # a trial's driver only waits on its Train workers
@@ -69,20 +69,6 @@ def _trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
                            storage_path=str(Path(setup["exp_dir"]) / "train"), name=trial_id,
                            callbacks=[TuneReportCallback()], resources_per_worker=resources)
     trainer.fit()
-
-
-def _init_ray(address: str | None, num_cpus: int | None) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    if address or os.environ.get("RAY_ADDRESS"):  # `ray job submit` sets RAY_ADDRESS
-        ray.init(address=address or os.environ["RAY_ADDRESS"])
-    else:  # a private local cluster; a bare ray.init() could join a stale one
-        # include_dashboard: it hosts the State API that Ray Train's placement-group cleaner needs;
-        # without it a trial stopped by ASHA leaves its placement group behind and the search stalls
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 2,
-                 object_store_memory=256 * 1024 * 1024, include_dashboard=True)
 
 
 def max_concurrent(*, cluster: dict[str, float], workers: int, cpus_per_worker: float,
@@ -123,7 +109,7 @@ def run_search(*, data: Path, space_path: Path, num_samples: int, exp_dir: Path,
     tune_dir = exp_dir / "tune"
     gpus_per_worker = gpus_per_trial / workers if workers else 0.0
 
-    _init_ray(address, num_cpus)
+    init_ray(address=address, num_cpus=num_cpus)
     concurrent = max_concurrent_trials or max_concurrent(
         cluster=ray.cluster_resources(), workers=workers, cpus_per_worker=cpus_per_worker,
         gpus_per_worker=gpus_per_worker)

@@ -87,7 +87,10 @@ def ray_cluster():
             address = line.split("--address=")[1].split()[0].strip("'\"")
     address = address or f"127.0.0.1:{gcs}"
     info = {"address": address, "dashboard": f"http://127.0.0.1:{dash}", "temp": temp}
+    # every driver the tests start (and their Ray Train workers) query this cluster's State API
+    os.environ["RAY_API_SERVER_ADDRESS"] = info["dashboard"]
     yield info
+    os.environ.pop("RAY_API_SERVER_ADDRESS", None)
     if ray.is_initialized():
         ray.shutdown()
     kill_tree(temp)
@@ -100,5 +103,6 @@ def ray_session(ray_cluster):
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=ray_cluster["address"], log_to_driver=True)
+        ray.init(address=ray_cluster["address"], log_to_driver=True,
+                 runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": ray_cluster["dashboard"]}})
     yield ray
