@@ -132,6 +132,7 @@ KEYS: Mapping[str, _Key] = {
     "model.gamma": _Key(float, 0.0),
     "train.lr": _Key(float, 0.0, low_open=True),
     "train.weight_decay": _Key(float, 0.0),
+    "train.grad_clip": _Key(float, 0.0),  # 0 = no clipping
     "train.epochs": _Key(int, 1),
     "train.patience": _Key(int, 0),  # 0 = no early stopping
     "data.batch_days": _Key(int, 1),

@@ -148,3 +148,26 @@ def test_ray_job_submit_against_a_local_cluster(tiny_market, tmp_path, ray_clust
     assert "succeeded" in out.stdout.lower()
     summary = json.loads((exp / "summary.json").read_text())
     assert len(summary["trials"]) == 4 and summary["best"]["test"]["rank_ic"] is not None
+
+
+def test_failed_trials_are_recorded_and_the_search_goes_on(tiny_market, tmp_path, ray_session):
+    """A trial whose loss blows up (lr 1e6, no clipping: most steps non-finite, so the loop raises)
+    is recorded as failed, with its error; the other trials finish and the best is chosen among them."""
+    from fvae.tune import run_search
+
+    space = tmp_path / "explode.yaml"
+    space.write_text(
+        "metric: valid_rank_icir\n"
+        "params:\n"
+        "  train.lr: {type: categorical, choices: [1.0e-3, 1.0e+6]}\n"
+        "fixed:\n"
+        "  model.hidden_size: 8\n  model.attn_heads: 1\n  model.gat_layers: 0\n  model.num_factors: 2\n  model.num_portfolios: 4\n"
+        "  train.epochs: 1\n  train.grad_clip: 0.0\n  data.batch_days: 16\n")
+    summary = run_search(data=tiny_market, space_path=space, num_samples=4, exp_dir=tmp_path / "exp", seed=0)
+    status = {t["trial_id"]: (t["status"], t["params"]["train.lr"], t["error"]) for t in summary["trials"]}
+    failed = [v for v in status.values() if v[0] == "ERROR"]
+    ok = [v for v in status.values() if v[0] == "TERMINATED"]
+    assert failed and ok, status
+    assert all(v[1] == 1e6 for v in failed) and all(v[1] == 1e-3 for v in ok)
+    assert all(v[2] for v in failed)  # the error text is kept
+    assert summary["best"]["params"]["train.lr"] == 1e-3
