@@ -545,19 +545,8 @@ def run_backtest(pred: str | Path, *, out: str | Path, data: str | Path | None =
                   f"{m['sharpe']:.2f}, IR {m['information_ratio']:.2f}, max drawdown {m['max_drawdown']:.2%}, "
                   f"turnover {frame['turnover'].mean():.3f}/day [{time.time() - t0:.1f}s]", flush=True)
     plot_backtest(daily, market.dates, bench, out=out)
-    atomic_write_json(out / "backtest.json", _clean(result))
+    atomic_write_json(out / "backtest.json", result)
     return result
-
-
-def _clean(o: Any) -> Any:
-    """NaN/inf → None, so that the JSON written is strict JSON (a Sharpe of a flat series is undefined)."""
-    if isinstance(o, float):
-        return o if math.isfinite(o) else None
-    if isinstance(o, dict):
-        return {k: _clean(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_clean(v) for v in o]
-    return o
 
 
 def plot_backtest(daily: dict[str, pd.DataFrame], dates: pd.DatetimeIndex, bench: np.ndarray, *,
@@ -686,7 +675,7 @@ def qlib_crosscheck(pred: str | Path, *, data: str | Path, out: str | Path, cfg:
                  "net": portfolio_metrics(m["net"].to_numpy(), m["benchmark"].to_numpy()),
                  "mean_turnover": float(m["turnover"].mean())},
         "note": "qlib: shares at the close, 5% cash, its cost model; ours: daily target weights, fully invested"}
-    atomic_write_json(out / "qlib_check.json", _clean(result))
+    atomic_write_json(out / "qlib_check.json", result)
     return result
 
 

@@ -426,17 +426,6 @@ def markdown_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _clean(o: Any) -> Any:
-    """NaN/inf → None so that baselines.json is strict JSON."""
-    if isinstance(o, float):
-        return o if math.isfinite(o) else None
-    if isinstance(o, dict):
-        return {k: _clean(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_clean(v) for v in o]
-    return o
-
-
 def run_baselines(data: str | Path, *, out: str | Path, models: tuple[str, ...] = MODELS,
                   seeds: tuple[int, ...] = (0, 1, 2), cfg: BaselineConfig = BaselineConfig(),
                   robustness: int = 0, progress: bool = True) -> dict[str, Any]:
@@ -487,8 +476,8 @@ def run_baselines(data: str | Path, *, out: str | Path, models: tuple[str, ...] 
                                  "holdout_stocks": {str(r["seed"]): r["holdout_stocks"]
                                                     for r in runs[models[0]]}}
     summary["markdown"] = markdown_table(summary)
-    atomic_write_json(out / "baselines.json", _clean(summary))
-    atomic_write_json(out / "runs.json", _clean(runs))
+    atomic_write_json(out / "baselines.json", summary)
+    atomic_write_json(out / "runs.json", runs)
     return summary
 
 

@@ -205,7 +205,7 @@ def analyze_factors(run_dir: str | Path, *, out: str | Path, segment: str = "tes
     if progress and not res["sectors"]["available"]:
         print(f"[factors] sector analysis skipped: {res['sectors']['reason']}", flush=True)
     res["plots"] = plots
-    atomic_write_json(out / "factors.json", _clean(res))
+    atomic_write_json(out / "factors.json", res)
     if progress:
         print(f"[factors] {K} factors over {len(z)} days, mean cross-sectional R² "
               f"{res['mean_cross_sectional_r2']:.3f}; wrote {', '.join(plots)} to {out}", flush=True)
@@ -235,16 +235,6 @@ def _corr(a: pd.Series, b: pd.Series) -> float | None:
 
 def _matrix(m: pd.DataFrame) -> dict[str, dict[str, float | None]]:
     return {i: {j: (float(m.loc[i, j]) if math.isfinite(m.loc[i, j]) else None) for j in m.columns} for i in m.index}
-
-
-def _clean(o: Any) -> Any:
-    if isinstance(o, float):
-        return o if math.isfinite(o) else None
-    if isinstance(o, dict):
-        return {str(k): _clean(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_clean(v) for v in o]
-    return o
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -186,7 +185,7 @@ def summarize_search(results: Any, *, space: SearchSpace, exp_dir: Path, data: P
                            "checkpoint": str(run_dir / "checkpoints" / "last" / "state.pt")}
     summary["asha_stopped"] = sum(1 for t in trials if t["status"] != "ERROR" and t["epochs"] <
                                   _max_epochs(space, base_config))
-    atomic_write_json(exp_dir / "summary.json", _finite(summary))
+    atomic_write_json(exp_dir / "summary.json", summary)
     _plot_trials(exp_dir, trials)
     if summary["best"]:
         b = summary["best"]
@@ -213,16 +212,6 @@ def evaluate_best(cfg: Config, *, data: Path, run_dir: Path) -> dict[str, float]
     out = write_run_outputs(model, cfg, meta, data=Path(data), out=run_dir, history=state["history"],
                             best=state["best"], device=torch.device("cpu"))
     return out["test"]
-
-
-def _finite(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 def _plot_trials(exp_dir: Path, trials: list[dict[str, Any]]) -> None:

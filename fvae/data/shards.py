@@ -148,10 +148,24 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp.replace(path)
 
 
+def strict_json(obj: Any) -> Any:
+    """NaN/inf -> None and keys -> str, so what is written is strict JSON (an undefined ICIR
+    or Sharpe becomes null rather than the non-standard NaN that other readers reject)."""
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if np.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """Write strict JSON atomically: a temporary file, then a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n").encode())
+    text = json.dumps(strict_json(obj), indent=2, sort_keys=False, default=_json_default, allow_nan=False)
+    _atomic_write_bytes(path, (text + "\n").encode())
 
 
 def _json_default(o: Any) -> Any:
