@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -156,7 +157,10 @@ def summarize_search(results: Any, *, space: SearchSpace, exp_dir: Path, data: P
     """Collect every trial, pick the best by validation Rank ICIR, evaluate it on test."""
     trials = []
     for r in results:
-        trial_id = Path(r.path).name.split("_")[-2] if r.path else "?"
+        # Tune names a trial's folder "_trial_<id>_<n>_<params>_<date>" (truncated); an errored
+        # trial may have reported no metrics, so the folder name is the reliable source
+        match = re.match(r"_trial_([0-9a-f]+)_", Path(r.path).name) if r.path else None
+        trial_id = match.group(1) if match else "?"
         params = {k: v for k, v in (r.config or {}).items() if "." in k}
         df = r.metrics_dataframe
         best_val, epochs = math.nan, 0
@@ -164,7 +168,7 @@ def summarize_search(results: Any, *, space: SearchSpace, exp_dir: Path, data: P
             vals = df[METRIC].astype(float)
             best_val = float(vals.max()) if vals.notna().any() else math.nan
             epochs = int(df["training_iteration"].max()) if "training_iteration" in df else len(df)
-        tid = (r.metrics or {}).get("trial_id") or trial_id
+        tid = trial_id if match else (r.metrics or {}).get("trial_id", "?")
         status = "ERROR" if r.error else "TERMINATED"
         trials.append({"trial_id": tid, "params": params, "valid_rank_icir": best_val, "epochs": epochs,
                        "status": status, "error": (str(r.error).splitlines()[0][:500] if r.error else None),

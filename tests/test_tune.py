@@ -170,4 +170,5 @@ def test_failed_trials_are_recorded_and_the_search_goes_on(tiny_market, tmp_path
     assert failed and ok, status
     assert all(v[1] == 1e6 for v in failed) and all(v[1] == 1e-3 for v in ok)
     assert all(v[2] for v in failed)  # the error text is kept
+    assert len(status) == 4 and all((tmp_path / "exp" / "trials" / tid).is_dir() for tid in status)
     assert summary["best"]["params"]["train.lr"] == 1e-3
