@@ -74,6 +74,8 @@ def _trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
 def max_concurrent(*, cluster: dict[str, float], workers: int, cpus_per_worker: float,
                    gpus_per_worker: float) -> int:
     """How many trials fit at once, from the cluster's resources and one trial's request."""
+    need = workers * cpus_per_worker + DRIVER_CPUS
+    by_cpu = int(cluster.get("CPU", 0) // need)
     if gpus_per_worker > 0:
         if workers > 1 and gpus_per_worker < 1:
             raise ValueError("--gpus-per-trial: fractional GPUs only for 1-worker trials "
@@ -82,9 +84,7 @@ def max_concurrent(*, cluster: dict[str, float], workers: int, cpus_per_worker: 
         if by_gpu < 1:
             raise ValueError(f"--gpus-per-trial: the cluster has {cluster.get('GPU', 0)} GPUs, "
                              f"one trial needs {workers * gpus_per_worker}")
-        return by_gpu
-    need = workers * cpus_per_worker + DRIVER_CPUS
-    by_cpu = int(cluster.get("CPU", 0) // need)
+        return max(1, min(by_gpu, by_cpu))  # GPU trials still need their CPUs
     if by_cpu < 1:
         raise ValueError(f"--workers-per-trial: the cluster has {cluster.get('CPU', 0)} CPUs, one trial needs {need}")
     return by_cpu
@@ -187,8 +187,8 @@ def summarize_search(results: Any, *, space: SearchSpace, exp_dir: Path, data: P
         summary["best"] = {"trial_id": best["trial_id"], "params": best["params"], "config": fconfig.to_dict(cfg),
                            "valid_rank_icir": best["valid_rank_icir"], "test": test,
                            "checkpoint": str(run_dir / "checkpoints" / "last" / "state.pt")}
-    summary["asha_stopped"] = sum(1 for t in trials if t["status"] != "ERROR" and t["epochs"] <
-                                  _max_epochs(space, base_config))
+    max_epochs = resolve_trial_config(space, {}, base=base_config).train.epochs
+    summary["asha_stopped"] = sum(1 for t in trials if t["status"] != "ERROR" and t["epochs"] < max_epochs)
     atomic_write_json(exp_dir / "summary.json", summary)
     _plot_trials(exp_dir, trials)
     if summary["best"]:
@@ -197,10 +197,6 @@ def summarize_search(results: Any, *, space: SearchSpace, exp_dir: Path, data: P
               f"test Rank IC {b['test']['rank_ic']:.4f} Rank ICIR {b['test']['rank_icir']:.3f} "
               f"-> {exp_dir / 'summary.json'}", flush=True)
     return summary
-
-
-def _max_epochs(space: SearchSpace, base_config: Path | None) -> int:
-    return resolve_trial_config(space, {}, base=base_config).train.epochs
 
 
 def evaluate_best(cfg: Config, *, data: Path, run_dir: Path) -> dict[str, float]:

@@ -29,8 +29,8 @@ with the dashboard, whose State API Ray Train's placement-group cleaner needs) a
 shut down after it. Two Ray instances on one machine break that cleaner (it cannot
 tell which instance to ask, and the CPUs of trials that ASHA stopped are never
 given back), so the bench refuses to start while another one runs
-(``--ignore-other-ray`` overrides), and its workers get RAY_ADDRESS pinned to
-their own cluster (``pin_ray_address_hook``) in case another instance starts meanwhile.
+(``--ignore-other-ray`` overrides); the cluster is started by ``fvae.train.init_ray``, which
+also tells its workers where their own State API is, in case another instance starts meanwhile.
 
 Timings on a shared machine are noisy: the load average is printed with them.
 """
@@ -48,10 +48,9 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 DEFAULT_SPACE = Path(__file__).resolve().parents[2] / "search_spaces" / "smoke.yaml"
-OBJECT_STORE_BYTES = 256 * 1024 * 1024  # as fvae.tune's own local cluster: trials pass no data through it
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,44 +170,19 @@ class Setup:
     gpu: bool
 
 
-def pin_ray_address_hook() -> Callable[[], None]:
-    """A Ray worker setup hook that points the worker's RAY_ADDRESS at the cluster it belongs to.
-
-    Ray Train's placement-group cleaner asks the State API about the trial's controller with no
-    address; with a second Ray instance on the machine that lookup fails ("Found multiple active
-    Ray instances"), the cleaner dies, and every trial ASHA stops keeps its workers' CPUs until
-    the search starves. With RAY_ADDRESS set the lookup is unambiguous. (It protects this bench's
-    cluster only: the other instance's own cleaner can still trip over ours.)
-
-    A closure, so that Ray ships it by value: the hook runs before a worker can import fvae.
-    """
-
-    def pin_ray_address() -> None:
-        import os
-
-        import ray
-
-        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-
-    return pin_ray_address
-
-
 def _search(setup: Setup, *, label: str, exp_dir: Path, grace_period: int, gpus_per_trial: float) -> SearchResult:
     """One run_search on a fresh private Ray cluster, shut down afterwards (no state leaks between runs)."""
     import ray
 
-    from fvae.tune import DRIVER_CPUS, max_concurrent, run_search
+    from fvae.train import init_ray
+    from fvae.tune import max_concurrent, run_search
 
     t0 = time.perf_counter()
-    ray.init(address="local", num_cpus=setup.num_cpus, object_store_memory=OBJECT_STORE_BYTES,
-             include_dashboard=True, runtime_env={"worker_process_setup_hook": pin_ray_address_hook()})
+    init_ray(num_cpus=setup.num_cpus)
     try:
         cluster = ray.cluster_resources()
-        by_scheduler = max_concurrent(cluster=cluster, workers=setup.workers, cpus_per_worker=setup.cpus_per_worker,
-                                      gpus_per_worker=gpus_per_trial / setup.workers)
-        # with GPUs run_search counts GPU shares only; the CPUs may allow fewer trials at once
-        by_cpu = int(cluster.get("CPU", 0) // (setup.workers * setup.cpus_per_worker + DRIVER_CPUS))
-        concurrent = max(1, min(by_scheduler, by_cpu))
+        concurrent = max_concurrent(cluster=cluster, workers=setup.workers, cpus_per_worker=setup.cpus_per_worker,
+                                    gpus_per_worker=gpus_per_trial / setup.workers)
         _say(f"\n[bench tune] {label}: grace_period {grace_period}, {setup.num_samples} trials, up to {concurrent} "
              f"at a time, cluster {dict(sorted(cluster.items()))}")
         with _GpuMemoryPeak() if setup.gpu else contextlib.nullcontext() as mem:
