@@ -2,6 +2,7 @@
 
     python -m fvae.baselines --data DIR --out DIR [--models linear,mlp,gru,factorvae] [--seeds 0,1,2]
                              [--hidden 64 --epochs 30 --lr 1e-3 --patience 5 --batch-days 16]
+                             [--day-fraction 1.0]
                              [--config FACTORVAE_YAML] [--set section.key=value ...] [--debug]
                              [--robustness M]
 
@@ -19,6 +20,10 @@ the train segment, selected on the validation Rank IC, scored on the test segmen
 
 Seeds change the initialisation and batch order (the ridge is deterministic; its spread is 0).
 ``baselines.json`` holds mean ± sample std (ddof = 1) over seeds per model, segment and metric.
+``runs.json`` is rewritten after every finished (model, seed) run, so an interrupted call keeps what
+it had done; running the same command again with the same options skips those runs.
+``--day-fraction`` trains every network (FactorVAE included) on that random share of the training
+days each epoch, as ``data.day_fraction`` does for ``fvae.train``.
 
 Robustness (the paper's Table 2): with ``--robustness M``, per seed, M stocks listed in both the
 train and the test segment are drawn at random and removed from training (their label is
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import sys
 import time
@@ -66,6 +72,7 @@ class BaselineConfig:
     patience: int = 5  # epochs without a better validation Rank IC before stopping
     batch_days: int = 16
     eval_batch_days: int = 64
+    day_fraction: float = 1.0  # share of training days per epoch, drawn anew each epoch
     factorvae_config: Path | None = None  # YAML for fvae.train; model.gat_layers is forced to 0
     factorvae_overrides: tuple[str, ...] = ()
 
@@ -77,6 +84,8 @@ class BaselineConfig:
             raise ValueError(f"--lr: expected > 0, got {self.lr}")
         if self.patience < 0:
             raise ValueError(f"--patience: expected >= 0, got {self.patience}")
+        if not 0.0 < self.day_fraction <= 1.0:
+            raise ValueError(f"--day-fraction: expected 0 < value <= 1, got {self.day_fraction}")
 
 
 DEBUG = BaselineConfig(hidden=16, epochs=3, patience=2, factorvae_overrides=tuple(DEBUG_FACTORVAE))
@@ -272,7 +281,7 @@ def train_network(net: nn.Module, split: Split, *, cfg: BaselineConfig, seed: in
         net.train()
         losses = []
         for days in epoch_batches(train.num_days, batch_days=cfg.batch_days, lookback=train.lookback, seed=seed,
-                                  epoch=epoch):
+                                  epoch=epoch, day_fraction=cfg.day_fraction):
             b = train.batch(days)
             if not bool(b.mask.any()):
                 continue
@@ -324,8 +333,9 @@ def fit_factorvae(data: str | Path, *, out: str | Path, seed: int, cfg: Baseline
     """FactorVAE as the paper has it (``model.gat_layers=0``) through ``fvae.train.run_standalone``."""
     from fvae import train as ftrain
 
+    fraction = [f"data.day_fraction={cfg.day_fraction}"] if cfg.day_fraction < 1.0 else []
     tcfg = ftrain.load_config(cfg.factorvae_config,
-                              [*cfg.factorvae_overrides, f"train.seed={seed}", "model.gat_layers=0"])
+                              [*fraction, *cfg.factorvae_overrides, f"train.seed={seed}", "model.gat_layers=0"])
     out = Path(out)
     result = ftrain.run_standalone(tcfg, data=Path(data), out=out)
     res = {"valid": result["valid"], "test": result["test"], "best_epoch": result["best_epoch"],
@@ -442,7 +452,8 @@ def run_baselines(data: str | Path, *, out: str | Path, models: tuple[str, ...] 
         raise ValueError("--seeds: give at least one seed")
     out.mkdir(parents=True, exist_ok=True)
     full = load_split(data)
-    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in models}
+    runs = _done_runs(out, data=data, cfg=cfg, robustness=robustness, models=models, seeds=seeds,
+                      progress=progress)
     for seed in seeds:
         holdout = choose_holdout(full, robustness, seed=seed) if robustness else None
         split = load_split(data, holdout=holdout) if holdout else full
@@ -450,6 +461,8 @@ def run_baselines(data: str | Path, *, out: str | Path, models: tuple[str, ...] 
         if holdout and "factorvae" in models:
             fv_data = write_holdout_copy(data, out / f"holdout_data_seed{seed}", holdout)
         for name in models:
+            if any(r["seed"] == seed for r in runs[name]):
+                continue
             t0 = time.time()
             if name == "linear":
                 res = _run_linear(split, holdout=holdout, seed=seed)
@@ -462,6 +475,7 @@ def run_baselines(data: str | Path, *, out: str | Path, models: tuple[str, ...] 
             if holdout:
                 res["holdout_stocks"] = holdout
             runs[name].append(res)
+            atomic_write_json(out / "runs.json", runs)
             if progress:
                 extra = f", held-out RankIC {res['holdout']['rank_ic']:.4f}" if holdout else ""
                 print(f"[baselines] {name} seed {seed}: valid RankIC {res['valid']['rank_ic']:.4f}, test RankIC "
@@ -477,8 +491,33 @@ def run_baselines(data: str | Path, *, out: str | Path, models: tuple[str, ...] 
                                                     for r in runs[models[0]]}}
     summary["markdown"] = markdown_table(summary)
     atomic_write_json(out / "baselines.json", summary)
-    atomic_write_json(out / "runs.json", runs)
     return summary
+
+
+def _done_runs(out: Path, *, data: Path, cfg: BaselineConfig, robustness: int, models: tuple[str, ...],
+               seeds: tuple[int, ...], progress: bool) -> dict[str, list[dict[str, Any]]]:
+    """The runs an earlier call with the same data and options finished in ``out`` (empty lists if none).
+
+    ``settings.json`` pins what the runs depend on; a call with other settings starts afresh
+    rather than mixing runs that are not comparable.
+    """
+    settings = {"data": str(data.resolve()), "config": _config_dict(cfg), "robustness": robustness}
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in models}
+    path, pinned = out / "runs.json", out / "settings.json"
+    if path.exists() and pinned.exists():
+        if json.loads(pinned.read_text()) == json.loads(json.dumps(settings)):
+            old = json.loads(path.read_text())
+            for m in models:
+                runs[m] = [r for r in old.get(m, []) if r.get("seed") in seeds]
+            done = sum(len(v) for v in runs.values())
+            if done and progress:
+                print(f"[baselines] resuming in {out}: {done} of {len(models) * len(seeds)} runs already done",
+                      flush=True)
+        elif progress:
+            print(f"[baselines] {pinned} differs from this call's options: starting afresh", flush=True)
+    atomic_write_json(pinned, settings)
+    atomic_write_json(path, runs)
+    return runs
 
 
 def _config_dict(cfg: BaselineConfig) -> dict[str, Any]:
@@ -502,6 +541,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None, help="MLP/GRU learning rate (1e-3)")
     p.add_argument("--patience", type=int, default=None, help="MLP/GRU early-stopping patience (5)")
     p.add_argument("--batch-days", type=int, default=None, help="MLP/GRU days per batch (16)")
+    p.add_argument("--day-fraction", type=float, default=None,
+                   help="share of training days per epoch, for every network (1.0)")
     p.add_argument("--config", type=Path, default=None, help="FactorVAE YAML (fvae.train)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="FactorVAE override")
@@ -521,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
         base = DEBUG if args.debug else BaselineConfig()
         given = {"hidden": args.hidden, "epochs": args.epochs, "lr": args.lr, "patience": args.patience,
-                 "batch_days": args.batch_days}
+                 "batch_days": args.batch_days, "day_fraction": args.day_fraction}
         cfg = dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None},
                                   factorvae_config=args.config,
                                   factorvae_overrides=tuple(base.factorvae_overrides) + tuple(args.overrides))

@@ -136,6 +136,7 @@ KEYS: Mapping[str, _Key] = {
     "train.epochs": _Key(int, 1),
     "train.patience": _Key(int, 0),  # 0 = no early stopping
     "data.batch_days": _Key(int, 1),
+    "data.day_fraction": _Key(float, 0.0, 1.0, low_open=True),  # share of training days per epoch
 }
 """The config keys a space may search or fix, with their types and ranges."""
 

@@ -122,3 +122,32 @@ def test_cli_seeds_and_robustness(tiny_market, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| model | valid Rank IC" in printed and "Robustness" in printed
     assert bl.main(["--data", str(tiny_market), "--out", str(out), "--models", "lasso"]) == 2
+
+
+def test_interrupted_call_resumes_finished_runs(tiny_market, tmp_path, capsys):
+    out = tmp_path / "bl"
+    args = ["--data", str(tiny_market), "--out", str(out), "--models", "linear,mlp", "--seeds", "0,1",
+            "--debug", "--epochs", "1", "--day-fraction", "0.5"]
+    assert bl.main(args) == 0
+    first = json.loads((out / "baselines.json").read_text())
+    assert first["config"]["day_fraction"] == 0.5
+    # an interruption after three of the four runs: runs.json holds what was finished
+    runs = json.loads((out / "runs.json").read_text())
+    lost = runs["mlp"].pop()
+    (out / "runs.json").write_text(json.dumps(runs))
+    capsys.readouterr()
+    assert bl.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "3 of 4 runs already done" in printed
+    assert printed.count("[baselines] mlp seed") == 2  # one epoch line and one result line: seed 1 only
+    again = json.loads((out / "runs.json").read_text())
+    assert again["mlp"][-1]["seed"] == lost["seed"]
+    assert again["mlp"][-1]["test"]["rank_ic"] == pytest.approx(lost["test"]["rank_ic"], abs=1e-6)
+    # other options: nothing is reused
+    assert bl.main([*args[:-1], "1.0"]) == 0
+    assert "starting afresh" in capsys.readouterr().out
+
+
+def test_day_fraction_is_checked(tiny_market, tmp_path, capsys):
+    assert bl.main(["--data", str(tiny_market), "--out", str(tmp_path), "--day-fraction", "0"]) == 2
+    assert "--day-fraction: expected 0 < value <= 1, got 0.0" in capsys.readouterr().err

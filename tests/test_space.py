@@ -52,6 +52,17 @@ def test_smoke_space_is_tiny():
     assert space.fixed["data.batch_days"] == 8
 
 
+def test_sp500_cpu_space_trains_half_the_days():
+    from fvae.train import load_config
+
+    space = load_space("sp500_cpu")
+    trial = optuna.trial.FixedTrial({"model.hidden_size": 32, "model.num_factors": 8, "model.num_portfolios": 32,
+                                     "model.attn_heads": 2, "model.gat_layers": 1, "model.gat_heads": 2,
+                                     "model.gamma": 1.0, "train.lr": 1.0e-3})
+    cfg = load_config(None, space.to_overrides(space.suggest(trial)))
+    assert cfg.data.day_fraction == 0.5 and cfg.model.gat_layers == 1 and cfg.train.epochs == 8
+
+
 # ----------------------------------------------------------------------- suggest
 
 FULL = {
@@ -304,6 +315,10 @@ BROKEN = {
     "both_fixed_and_searched": (
         dict(GOOD, fixed={"train.lr": 1.0e-3}),
         ["train.lr", "both searched"],
+    ),
+    "day_fraction_zero": (
+        dict(GOOD, fixed={"data.day_fraction": 0.0}),
+        ["data.day_fraction", "> 0"],
     ),
     "bad_fixed_type": (
         dict(GOOD, fixed={"model.conditional_posterior": "yes please"}),
