@@ -90,6 +90,28 @@ def max_concurrent(*, cluster: dict[str, float], workers: int, cpus_per_worker: 
     return by_cpu
 
 
+def plan_concurrency(*, cluster: dict[str, float], requested: int | None, workers: int, cpus_per_worker: float,
+                     gpus_per_worker: float) -> tuple[int, str | None]:
+    """Trials to run at once: ``requested`` if given, else what fits; plus a warning when more are
+    requested than fit now (those wait, and a trial that cannot start its workers fails once Ray
+    Train's worker-group start times out)."""
+    try:
+        fits = max_concurrent(cluster=cluster, workers=workers, cpus_per_worker=cpus_per_worker,
+                              gpus_per_worker=gpus_per_worker)
+    except ValueError:
+        if not requested:
+            raise
+        fits = 0  # an autoscaler may still add what is missing
+    if not requested:
+        return fits, None
+    if requested <= fits:
+        return requested, None
+    return requested, (f"--max-concurrent {requested}, but the cluster fits {fits} trials at once now "
+                       f"({workers} x {cpus_per_worker:g} CPUs + {DRIVER_CPUS:g} for the driver each); the others "
+                       "wait for resources and fail after RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s by default) "
+                       "unless an autoscaler adds them")
+
+
 def run_search(*, data: Path, space_path: Path, num_samples: int, exp_dir: Path, resume: bool = False,
                workers: int = 1, gpus_per_trial: float = 0.0, cpus_per_worker: float = 1.0, seed: int = 0,
                base_config: Path | None = None, grace_period: int = 1, reduction_factor: int = 2,
@@ -110,9 +132,11 @@ def run_search(*, data: Path, space_path: Path, num_samples: int, exp_dir: Path,
     gpus_per_worker = gpus_per_trial / workers if workers else 0.0
 
     init_ray(address=address, num_cpus=num_cpus)
-    concurrent = max_concurrent_trials or max_concurrent(
-        cluster=ray.cluster_resources(), workers=workers, cpus_per_worker=cpus_per_worker,
-        gpus_per_worker=gpus_per_worker)
+    concurrent, warning = plan_concurrency(cluster=ray.cluster_resources(), requested=max_concurrent_trials,
+                                           workers=workers, cpus_per_worker=cpus_per_worker,
+                                           gpus_per_worker=gpus_per_worker)
+    if warning:
+        print(f"[fvae] warning: {warning}", flush=True)
     setup = {"space": str(Path(space_path).resolve()), "data": str(Path(data).resolve()),
              "exp_dir": str(exp_dir), "workers": workers, "cpus_per_worker": cpus_per_worker,
              "gpus_per_worker": gpus_per_worker,

@@ -77,6 +77,19 @@ def test_tensorboard_has_every_trial_with_hparams(smoke_search):
         assert values["model.gamma"].number_value == pytest.approx(t["params"]["model.gamma"])
 
 
+def test_more_concurrent_trials_than_fit_warns():
+    from fvae.tune import plan_concurrency
+
+    assert plan_concurrency(cluster={"CPU": 4}, requested=None, workers=1, cpus_per_worker=1,
+                            gpus_per_worker=0) == (3, None)
+    assert plan_concurrency(cluster={"CPU": 4}, requested=2, workers=1, cpus_per_worker=1,
+                            gpus_per_worker=0) == (2, None)
+    n, warning = plan_concurrency(cluster={"CPU": 2}, requested=2, workers=1, cpus_per_worker=1, gpus_per_worker=0)
+    assert n == 2 and "--max-concurrent 2, but the cluster fits 1 trials" in warning
+    n, warning = plan_concurrency(cluster={"CPU": 16}, requested=2, workers=1, cpus_per_worker=1, gpus_per_worker=1)
+    assert n == 2 and "fits 0 trials" in warning  # no GPU yet: an autoscaler may add one
+
+
 def test_max_concurrent_from_resources():
     from fvae.tune import max_concurrent
 
