@@ -4,6 +4,7 @@
                              [--hidden 64 --epochs 30 --lr 1e-3 --patience 5 --batch-days 16]
                              [--day-fraction 1.0]
                              [--config FACTORVAE_YAML] [--set section.key=value ...] [--debug]
+                             [--tuned-config YAML]
                              [--robustness M]
 
 Every model sees exactly what FactorVAE sees: the loader's day panels (``Panel.batch``: x (B, N, T, C)
@@ -17,6 +18,8 @@ the train segment, selected on the validation Rank IC, scored on the test segmen
     gru        FactorVAE's own feature extractor (``fvae.model.FeatureExtractor``: Linear + LeakyReLU
                + GRU) with a linear head, MSE on the label
     factorvae  ``fvae.train.run_standalone`` with the paper's model (``model.gat_layers=0``)
+    tuned      only with ``--tuned-config``: FactorVAE from that YAML as it is, extensions included
+               (e.g. a search's ``best_config.yaml``), retrained with each seed
 
 Seeds change the initialisation and batch order (the ridge is deterministic; its spread is 0).
 ``baselines.json`` holds mean ± sample std (ddof = 1) over seeds per model, segment and metric.
@@ -55,6 +58,7 @@ from fvae.metrics import daily_ic, daily_rank_ic, summarize
 from fvae.model import FeatureExtractor, ModelConfig
 
 MODELS = ("linear", "mlp", "gru", "factorvae")
+TUNED = "tuned"  # the model of --tuned-config; added to the models when that is given
 METRICS = ("ic", "icir", "rank_ic", "rank_icir")
 RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4)  # λ / mean eigenvalue of the centred Gram matrix
 DEBUG_FACTORVAE = ["model.hidden_size=16", "model.num_factors=4", "model.num_portfolios=8", "train.epochs=2",
@@ -75,6 +79,7 @@ class BaselineConfig:
     day_fraction: float = 1.0  # share of training days per epoch, drawn anew each epoch
     factorvae_config: Path | None = None  # YAML for fvae.train; model.gat_layers is forced to 0
     factorvae_overrides: tuple[str, ...] = ()
+    tuned_config: Path | None = None  # YAML for fvae.train taken as it is (the "tuned" model)
 
     def __post_init__(self) -> None:
         for name in ("hidden", "epochs", "batch_days", "eval_batch_days"):
@@ -86,6 +91,8 @@ class BaselineConfig:
             raise ValueError(f"--patience: expected >= 0, got {self.patience}")
         if not 0.0 < self.day_fraction <= 1.0:
             raise ValueError(f"--day-fraction: expected 0 < value <= 1, got {self.day_fraction}")
+        if self.tuned_config is not None and not Path(self.tuned_config).is_file():
+            raise ValueError(f"--tuned-config: {self.tuned_config} is not a file")
 
 
 DEBUG = BaselineConfig(hidden=16, epochs=3, patience=2, factorvae_overrides=tuple(DEBUG_FACTORVAE))
@@ -329,13 +336,18 @@ def fit_network(kind: str, split: Split, *, cfg: BaselineConfig, seed: int, hold
 
 
 def fit_factorvae(data: str | Path, *, out: str | Path, seed: int, cfg: BaselineConfig,
-                  holdout: list[str] | None = None, test_panel: Panel | None = None) -> dict[str, Any]:
-    """FactorVAE as the paper has it (``model.gat_layers=0``) through ``fvae.train.run_standalone``."""
+                  holdout: list[str] | None = None, test_panel: Panel | None = None,
+                  tuned: bool = False) -> dict[str, Any]:
+    """FactorVAE as the paper has it (``model.gat_layers=0``) through ``fvae.train.run_standalone``;
+    with ``tuned``, the model of ``cfg.tuned_config`` as it is (only the seed changes)."""
     from fvae import train as ftrain
 
-    fraction = [f"data.day_fraction={cfg.day_fraction}"] if cfg.day_fraction < 1.0 else []
-    tcfg = ftrain.load_config(cfg.factorvae_config,
-                              [*fraction, *cfg.factorvae_overrides, f"train.seed={seed}", "model.gat_layers=0"])
+    if tuned:
+        tcfg = ftrain.load_config(cfg.tuned_config, [f"train.seed={seed}"])
+    else:
+        fraction = [f"data.day_fraction={cfg.day_fraction}"] if cfg.day_fraction < 1.0 else []
+        tcfg = ftrain.load_config(cfg.factorvae_config,
+                                  [*fraction, *cfg.factorvae_overrides, f"train.seed={seed}", "model.gat_layers=0"])
     out = Path(out)
     result = ftrain.run_standalone(tcfg, data=Path(data), out=out)
     res = {"valid": result["valid"], "test": result["test"], "best_epoch": result["best_epoch"],
@@ -445,9 +457,16 @@ def run_baselines(data: str | Path, *, out: str | Path, models: tuple[str, ...] 
     without them; the normal metrics are then those of the held-out training, plus ``robustness``.
     """
     data, out = Path(data), Path(out)
-    bad = [m for m in models if m not in MODELS]
+    bad = [m for m in models if m not in MODELS and not (m == TUNED and cfg.tuned_config)]
     if bad or not models:
-        raise ValueError(f"--models: unknown {bad} (choose from {', '.join(MODELS)})")
+        raise ValueError(f"--models: unknown {bad} (choose from {', '.join(MODELS)}; "
+                         f"'{TUNED}' comes with --tuned-config)")
+    if cfg.tuned_config:
+        from fvae.train import load_config
+
+        load_config(cfg.tuned_config, [])  # a bad file fails now, not after the other models trained
+        if TUNED not in models:
+            models = (*models, TUNED)
     if not seeds:
         raise ValueError("--seeds: give at least one seed")
     out.mkdir(parents=True, exist_ok=True)
@@ -458,7 +477,7 @@ def run_baselines(data: str | Path, *, out: str | Path, models: tuple[str, ...] 
         holdout = choose_holdout(full, robustness, seed=seed) if robustness else None
         split = load_split(data, holdout=holdout) if holdout else full
         fv_data = data
-        if holdout and "factorvae" in models:
+        if holdout and ("factorvae" in models or TUNED in models):
             fv_data = write_holdout_copy(data, out / f"holdout_data_seed{seed}", holdout)
         for name in models:
             if any(r["seed"] == seed for r in runs[name]):
@@ -466,9 +485,9 @@ def run_baselines(data: str | Path, *, out: str | Path, models: tuple[str, ...] 
             t0 = time.time()
             if name == "linear":
                 res = _run_linear(split, holdout=holdout, seed=seed)
-            elif name == "factorvae":
-                res = fit_factorvae(fv_data, out=out / f"factorvae_seed{seed}", seed=seed, cfg=cfg,
-                                    holdout=holdout, test_panel=full.test)
+            elif name in ("factorvae", TUNED):
+                res = fit_factorvae(fv_data, out=out / f"{name}_seed{seed}", seed=seed, cfg=cfg,
+                                    holdout=holdout, test_panel=full.test, tuned=name == TUNED)
             else:
                 res = fit_network(name, split, cfg=cfg, seed=seed, holdout=holdout, progress=progress)
             res["seconds"] = time.time() - t0
@@ -524,6 +543,9 @@ def _config_dict(cfg: BaselineConfig) -> dict[str, Any]:
     d = dataclasses.asdict(cfg)
     d["factorvae_config"] = None if cfg.factorvae_config is None else str(cfg.factorvae_config)
     d["factorvae_overrides"] = list(cfg.factorvae_overrides)
+    d["tuned_config"] = None if cfg.tuned_config is None else str(cfg.tuned_config)
+    if cfg.tuned_config is not None:  # what the tuned runs depend on is the file's content
+        d["tuned_config_text"] = Path(cfg.tuned_config).read_text()
     return d
 
 
@@ -547,6 +569,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="FactorVAE override")
     p.add_argument("--debug", action="store_true", help="tiny models that train in seconds")
+    p.add_argument("--tuned-config", type=Path, default=None, metavar="YAML",
+                   help="also train the 'tuned' model: FactorVAE from this YAML as it is (e.g. best_config.yaml)")
     p.add_argument("--robustness", type=int, default=0, metavar="M", help="hold M random stocks out of training")
     return p
 
@@ -564,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
         given = {"hidden": args.hidden, "epochs": args.epochs, "lr": args.lr, "patience": args.patience,
                  "batch_days": args.batch_days, "day_fraction": args.day_fraction}
         cfg = dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None},
-                                  factorvae_config=args.config,
+                                  factorvae_config=args.config, tuned_config=args.tuned_config,
                                   factorvae_overrides=tuple(base.factorvae_overrides) + tuple(args.overrides))
         models = tuple(m.strip() for m in args.models.split(",") if m.strip())
         summary = run_baselines(args.data, out=args.out, models=models, seeds=seeds, cfg=cfg,

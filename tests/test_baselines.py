@@ -151,3 +151,28 @@ def test_interrupted_call_resumes_finished_runs(tiny_market, tmp_path, capsys):
 def test_day_fraction_is_checked(tiny_market, tmp_path, capsys):
     assert bl.main(["--data", str(tiny_market), "--out", str(tmp_path), "--day-fraction", "0"]) == 2
     assert "--day-fraction: expected 0 < value <= 1, got 0.0" in capsys.readouterr().err
+
+
+def test_tuned_model_keeps_its_extensions(tiny_market, tmp_path, capsys):
+    import yaml
+
+    tuned = tmp_path / "best_config.yaml"
+    tuned.write_text(yaml.safe_dump({"model": {"hidden_size": 8, "num_factors": 2, "num_portfolios": 4,
+                                               "gat_layers": 1, "gat_heads": 2},
+                                     "train": {"epochs": 1}, "data": {"batch_days": 16}}))
+    out = tmp_path / "bl"
+    assert bl.main(["--data", str(tiny_market), "--out", str(out), "--models", "factorvae", "--seeds", "3",
+                    "--debug", "--tuned-config", str(tuned)]) == 0
+    res = json.loads((out / "baselines.json").read_text())
+    assert list(res["models"]) == ["factorvae", "tuned"]
+    assert "| tuned |" in capsys.readouterr().out
+    paper = yaml.safe_load((out / "factorvae_seed3" / "config.yaml").read_text())
+    mine = yaml.safe_load((out / "tuned_seed3" / "config.yaml").read_text())
+    assert paper["model"]["gat_layers"] == 0
+    assert mine["model"]["gat_layers"] == 1 and mine["model"]["gat_heads"] == 2 and mine["train"]["seed"] == 3
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {hiden_size: 8}\n")
+    assert bl.main(["--data", str(tiny_market), "--out", str(out), "--tuned-config", str(bad)]) == 2
+    assert "hiden_size" in capsys.readouterr().err
+    assert bl.main(["--data", str(tiny_market), "--out", str(out), "--tuned-config", str(tmp_path / "no")]) == 2
+    assert "--tuned-config:" in capsys.readouterr().err
