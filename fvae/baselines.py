@@ -1,6 +1,6 @@
 """Baselines on FactorVAE's own split and features, and the paper's robustness experiment.
 
-    python -m fvae.baselines --data DIR --out DIR [--models linear,mlp,gru,factorvae] [--seeds 0,1,2]
+    python -m fvae.baselines --data DIR --out DIR [--models linear,lightgbm,mlp,gru,factorvae] [--seeds 0,1,2]
                              [--hidden 64 --epochs 30 --lr 1e-3 --patience 5 --batch-days 16]
                              [--day-fraction 1.0]
                              [--config FACTORVAE_YAML] [--set section.key=value ...] [--debug]
@@ -14,6 +14,10 @@ the train segment, selected on the validation Rank IC, scored on the test segmen
 
     linear     ridge regression on the flattened T·C window, closed form; the ridge λ (relative to
                the mean eigenvalue of the Gram matrix) is chosen on the validation Rank IC
+    lightgbm   gradient-boosted trees on the flattened window with qlib's benchmark settings for
+               Alpha158/Alpha360 (its ``LGBModel``: MSE, 1,000 rounds at most, early stopping after 50
+               rounds without a better validation L2); LightGBM is called directly, so only
+               ``fvae.data.qlib_io`` imports qlib
     mlp        two hidden layers on the flattened window, MSE on the label
     gru        FactorVAE's own feature extractor (``fvae.model.FeatureExtractor``: Linear + LeakyReLU
                + GRU) with a linear head, MSE on the label
@@ -21,7 +25,8 @@ the train segment, selected on the validation Rank IC, scored on the test segmen
     tuned      only with ``--tuned-config``: FactorVAE from that YAML as it is, extensions included
                (e.g. a search's ``best_config.yaml``), retrained with each seed
 
-Seeds change the initialisation and batch order (the ridge is deterministic; its spread is 0).
+Seeds change the initialisation and batch order, and LightGBM's column sampling (the ridge is
+deterministic; its spread is 0).
 ``baselines.json`` holds mean ± sample std (ddof = 1) over seeds per model, segment and metric.
 ``runs.json`` is rewritten after every finished (model, seed) run, so an interrupted call keeps what
 it had done; running the same command again with the same options skips those runs.
@@ -57,7 +62,7 @@ from fvae.data.shards import DataError, Meta, atomic_write_json, read_meta, read
 from fvae.metrics import daily_ic, daily_rank_ic, summarize
 from fvae.model import FeatureExtractor, ModelConfig
 
-MODELS = ("linear", "mlp", "gru", "factorvae")
+MODELS = ("linear", "lightgbm", "mlp", "gru", "factorvae")
 TUNED = "tuned"  # the model of --tuned-config; added to the models when that is given
 METRICS = ("ic", "icir", "rank_ic", "rank_icir")
 RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4)  # λ / mean eigenvalue of the centred Gram matrix
@@ -235,6 +240,62 @@ def _run_linear(split: Split, *, holdout: list[str] | None, seed: int) -> dict[s
            "lambda_rel": fit["lambda_rel"], "seed": seed}
     if holdout:
         res["holdout"] = score(predict_dense(split.test, fn), split.test, stocks=holdout)
+    return res
+
+
+# --------------------------------------------------------------------------- LightGBM
+
+# qlib's examples/benchmarks/LightGBM/workflow_config_lightgbm_Alpha{158,360}.yaml (LGBModel kwargs).
+# qlib passes ``subsample`` without ``bagging_freq``, so LightGBM never bags rows: kept as is.
+LGB_PARAMS: dict[str, Any] = {"objective": "mse", "colsample_bytree": 0.8879, "learning_rate": 0.0421,
+                              "subsample": 0.8789, "lambda_l1": 205.6999, "lambda_l2": 580.9768,
+                              "max_depth": 8, "num_leaves": 210, "verbosity": -1}
+LGB_ROUNDS, LGB_EARLY_STOP = 1000, 50  # qlib's LGBModel.fit defaults
+
+
+def _flat_segment(panel: Panel, *, batch_days: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Every labelled stock-day of a segment: x (R, T·C) float32 and label (R,)."""
+    xs, ys = [], []
+    for i in range(0, panel.num_days, batch_days):
+        x, y, _ = flat_rows(panel, np.arange(i, min(panel.num_days, i + batch_days)))
+        xs.append(x.numpy())
+        ys.append(y.numpy())
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def fit_lightgbm(split: Split, *, seed: int, holdout: list[str] | None = None,
+                 progress: bool = True) -> dict[str, Any]:
+    """LightGBM with qlib's benchmark parameters, early-stopped on the validation L2 to the label."""
+    try:
+        import lightgbm as lgb
+    except ImportError:
+        raise ValueError("--models lightgbm: the lightgbm package is missing (pip install lightgbm)") from None
+    x, y = _flat_segment(split.train)
+    xv, yv = _flat_segment(split.valid)
+    dtrain = lgb.Dataset(x, label=y, free_raw_data=True)
+    dvalid = lgb.Dataset(xv, label=yv, reference=dtrain)
+    del x
+    callbacks = [lgb.early_stopping(LGB_EARLY_STOP, verbose=False)]
+    if progress:
+        def report(env: Any) -> None:
+            if (env.iteration + 1) % 50 == 0:
+                l2 = env.evaluation_result_list[0][2]
+                print(f"[baselines] lightgbm seed {seed} round {env.iteration + 1} valid l2 {l2:.5f}", flush=True)
+        callbacks.append(report)
+    params = {**LGB_PARAMS, "seed": seed, "num_threads": torch.get_num_threads()}
+    booster = lgb.train(params, dtrain, num_boost_round=LGB_ROUNDS, valid_sets=[dvalid], valid_names=["valid"],
+                        callbacks=callbacks)
+
+    def fn(xb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        B, N = mask.shape
+        flat = xb.reshape(B * N, -1).numpy()
+        return torch.from_numpy(booster.predict(flat, num_iteration=booster.best_iteration)).reshape(B, N)
+
+    test_pred = predict_dense(split.test, fn)
+    res = {"valid": score(predict_dense(split.valid, fn), split.valid), "test": score(test_pred, split.test),
+           "best_iteration": booster.best_iteration, "seed": seed}
+    if holdout:
+        res["holdout"] = score(test_pred, split.test, stocks=holdout)
     return res
 
 
@@ -485,6 +546,8 @@ def run_baselines(data: str | Path, *, out: str | Path, models: tuple[str, ...] 
             t0 = time.time()
             if name == "linear":
                 res = _run_linear(split, holdout=holdout, seed=seed)
+            elif name == "lightgbm":
+                res = fit_lightgbm(split, seed=seed, holdout=holdout, progress=progress)
             elif name in ("factorvae", TUNED):
                 res = fit_factorvae(fv_data, out=out / f"{name}_seed{seed}", seed=seed, cfg=cfg,
                                     holdout=holdout, test_panel=full.test, tuned=name == TUNED)

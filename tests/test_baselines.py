@@ -176,3 +176,15 @@ def test_tuned_model_keeps_its_extensions(tiny_market, tmp_path, capsys):
     assert "hiden_size" in capsys.readouterr().err
     assert bl.main(["--data", str(tiny_market), "--out", str(out), "--tuned-config", str(tmp_path / "no")]) == 2
     assert "--tuned-config:" in capsys.readouterr().err
+
+
+def test_lightgbm_finds_the_planted_signal_with_qlibs_settings(tiny_market):
+    split = bl.load_split(tiny_market)
+    a = bl.fit_lightgbm(split, seed=0, progress=False)
+    b = bl.fit_lightgbm(split, seed=0, progress=False)
+    c = bl.fit_lightgbm(split, seed=1, progress=False)
+    assert a["test"]["rank_ic"] == b["test"]["rank_ic"]  # a seed fixes the run
+    assert a["test"]["rank_ic"] != c["test"]["rank_ic"]  # and column sampling depends on it
+    assert 1 <= a["best_iteration"] <= bl.LGB_ROUNDS
+    ceiling = split.meta.extra["ceiling_rank_ic"]["test"]
+    assert a["test"]["rank_ic"] > 0.2 * ceiling, (a["test"], ceiling)
