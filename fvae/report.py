@@ -1,15 +1,17 @@
 """One self-contained HTML report of a training run or a hyperparameter search.
 
-    python -m fvae.report RUN_OR_EXP_DIR --out report.html [--data DIR] [--baselines FILE]
+    python -m fvae.report RUN_OR_EXP_DIR --out report.html [--data DIR] [--baselines FILE ...]
                           [--topk K --n-drop N]
 
 RUN_OR_EXP_DIR is a run directory of ``fvae.train`` (metrics.json, pred_*.parquet, ...) or an
 experiment directory of ``fvae.tune`` (summary.json; the report then covers its best trial's run
 directory and adds the search). Sections, with stable ids:
 
-    metrics    IC, ICIR, Rank IC, Rank ICIR: FactorVAE valid/test, baselines.json if present
-               (RUN_DIR/baselines.json, EXP_DIR/baselines.json or --baselines), the synthetic
-               market's ceiling; training curves
+    metrics    IC, ICIR, Rank IC, Rank ICIR: FactorVAE valid/test, baselines.json files if present
+               (--baselines, else baselines.json, baselines/baselines.json and
+               robustness/baselines.json in RUN_DIR and EXP_DIR: the model rows come from the first
+               file without a robustness experiment, robustness tables from every file with one),
+               the synthetic market's ceiling; training curves
     equity     cumulative returns of TopK-Drop and mean-variance, benchmark, excess (fvae.backtest;
                run into RUN_DIR/backtest when its outputs are absent)
     drawdown   drawdowns of the same
@@ -182,17 +184,29 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise ReportError(f"{path}: not valid JSON ({e})") from None
 
 
-def find_baselines(inp: Inputs, explicit: str | Path | None) -> Path | None:
-    cands = [Path(explicit)] if explicit else []
-    cands += [d / "baselines.json" for d in (inp.run_dir, inp.source) if d is not None]
-    cands += [d / "baselines" / "baselines.json" for d in (inp.run_dir, inp.source) if d is not None]
-    return next((c for c in cands if c.is_file()), None)
+def find_baselines(inp: Inputs, explicit: list[Path] | None) -> list[Path]:
+    if explicit:
+        return [Path(p) for p in explicit]
+    dirs = [d for d in (inp.run_dir, inp.source) if d is not None]
+    cands = [d / sub for sub in ("baselines.json", "baselines/baselines.json", "robustness/baselines.json")
+             for d in dirs]
+    found: list[Path] = []
+    for c in cands:
+        if c.is_file() and c.resolve() not in {f.resolve() for f in found}:
+            found.append(c)
+    return found
+
+
+def _cell(agg: dict[str, Any], key: str) -> str:
+    c = agg.get(key) or {}
+    s = _fmt(c.get("mean"))
+    return s + (f" ± {_fmt(c['std'])}" if c.get("std") is not None else "")
 
 
 # --------------------------------------------------------------------------- sections
 
 
-def section_metrics(inp: Inputs, baselines: Path | None) -> str:
+def section_metrics(inp: Inputs, baselines: list[Path]) -> str:
     if inp.metrics is None:
         return _na(inp.notes.get("run", "no run directory was found"))
     rows = []
@@ -201,31 +215,32 @@ def section_metrics(inp: Inputs, baselines: Path | None) -> str:
         if m:
             rows.append([f"FactorVAE ({seg})", *[_fmt(m.get(k)) for k, _ in METRIC_COLS], _fmt(m.get("days"))])
     parts = []
-    if baselines is not None:
+    loaded: list[tuple[Path, dict[str, Any]]] = []
+    for path in baselines:
         try:
-            bl = _read_json(baselines)
-            for name, agg in bl.get("models", {}).items():
-                for seg in ("valid", "test"):
-                    if seg in agg:
-                        cells = []
-                        for k, _ in METRIC_COLS:
-                            c = agg[seg].get(k) or {}
-                            s = _fmt(c.get("mean"))
-                            if c.get("std") is not None:
-                                s += f" ± {_fmt(c['std'])}"
-                            cells.append(s)
-                        n = len(bl.get("seeds", []))
-                        rows.append([f"{_esc(name)} ({seg}, {n} seed{'s' if n != 1 else ''})", *cells, ""])
+            loaded.append((path, _read_json(path)))
+        except ReportError as e:
+            parts.append(_na(str(e)))
+    # model rows from one file only: a robustness run's own rows come from models trained without M stocks
+    main = next((bl for _, bl in loaded if not bl.get("robustness")), loaded[0][1] if loaded else None)
+    for path, bl in loaded:
+        try:
+            if bl is main:
+                n = len(bl.get("seeds", []))
+                for name, agg in bl.get("models", {}).items():
+                    for seg in ("valid", "test"):
+                        if seg in agg:
+                            rows.append([f"{_esc(name)} ({seg}, {n} seed{'s' if n != 1 else ''})",
+                                         *[_cell(agg[seg], k) for k, _ in METRIC_COLS], ""])
             rob = bl.get("robustness")
             if rob:
-                rrows = [[_esc(n), *[(_fmt((a.get(k) or {}).get("mean")) +
-                                      (f" ± {_fmt(a[k]['std'])}" if (a.get(k) or {}).get("std") is not None else ""))
-                                     for k in ("rank_ic", "rank_icir")]] for n, a in rob["models"].items()]
-                parts.append(f"<h3>Robustness: {rob['m']} stocks removed from training (test Rank IC on them)</h3>"
+                rrows = [[_esc(n), _cell(a, "rank_ic"), _cell(a, "rank_icir")] for n, a in rob["models"].items()]
+                parts.append(f"<h3>Robustness: {rob['m']} stocks removed from training (test Rank IC on them, "
+                             f"{len(bl.get('seeds', []))} seeds)</h3>"
                              + _table(["model", "Rank IC", "Rank ICIR"], rrows))
-        except (ReportError, KeyError, TypeError, AttributeError) as e:
-            parts.append(_na(f"{baselines} could not be read ({e})"))
-    else:
+        except (KeyError, TypeError, AttributeError) as e:
+            parts.append(_na(f"{path} could not be read ({e})"))
+    if not baselines:
         parts.append(_na("no baselines.json was found (run python -m fvae.baselines --out RUN_DIR)"))
     ceiling = inp.metrics.get("ceiling_rank_ic")
     if ceiling:
@@ -504,7 +519,7 @@ def section_search(inp: Inputs) -> str:
 
 
 def build_report(path: str | Path, *, out: str | Path, data: str | Path | None = None,
-                 baselines: str | Path | None = None, topk: int | None = None, n_drop: int | None = None,
+                 baselines: list[Path] | None = None, topk: int | None = None, n_drop: int | None = None,
                  progress: bool = True) -> Path:
     """Write the HTML report of a run or search directory to ``out``; returns its path."""
     t0 = time.time()
@@ -555,7 +570,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("path", type=Path, help="run directory (fvae.train) or experiment directory (fvae.tune)")
     p.add_argument("--out", type=Path, required=True, help="HTML file to write")
     p.add_argument("--data", type=Path, default=None, help="shard folder (default: the one metrics.json names)")
-    p.add_argument("--baselines", type=Path, default=None, help="baselines.json of python -m fvae.baselines")
+    p.add_argument("--baselines", type=Path, nargs="+", default=None,
+                   help="baselines.json files of python -m fvae.baselines (default: found next to the run)")
     p.add_argument("--topk", type=int, default=None, help="TopK-Drop k (default 50, less for small universes)")
     p.add_argument("--n-drop", type=int, default=None, help="TopK-Drop n")
     args = p.parse_args(argv)

@@ -196,3 +196,30 @@ def test_factor_analysis_with_real_tickers(tiny_run, tmp_path):
     assert sorted(res["cluster_order"]) == sorted(res["factors"])
     saved = json.loads((tmp_path / "fa" / "factors.json").read_text())
     assert saved["num_factors"] == len(res["factors"]) == 4
+
+
+def _baselines_file(path: Path, models: dict[str, float], *, robustness: int = 0) -> Path:
+    def agg(v: float) -> dict:
+        return {k: {"mean": v, "std": 0.001, "values": [v, v, v]} for k in ("ic", "icir", "rank_ic", "rank_icir")}
+
+    data = {"seeds": [0, 1, 2], "models": {m: {"valid": agg(v), "test": agg(v)} for m, v in models.items()}}
+    if robustness:
+        data["robustness"] = {"m": robustness, "models": {m: agg(v) for m, v in models.items()}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_baselines_and_a_separate_robustness_run_are_both_shown(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    _baselines_file(run / "baselines" / "baselines.json", {"lightgbm": 0.0123, "tuned": 0.0456})
+    _baselines_file(run / "robustness" / "baselines.json", {"gru": 0.0789}, robustness=50)
+    page = rp.build_report(run, out=tmp_path / "r.html", progress=False).read_text()
+    metrics = page.split('<section id="metrics">')[1].split("</section>")[0]
+    assert "lightgbm (test, 3 seeds)" in metrics and "tuned (test, 3 seeds)" in metrics
+    assert "gru (test" not in metrics  # the robustness run's models trained without 50 stocks: no main rows
+    assert "Robustness: 50 stocks removed from training" in metrics and "0.0789" in metrics
+    only = rp.build_report(run, out=tmp_path / "o.html", progress=False,
+                           baselines=[run / "robustness" / "baselines.json"]).read_text()
+    assert "gru (test, 3 seeds)" in only and "lightgbm" not in only  # a lone file gives its rows too
