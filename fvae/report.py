@@ -318,10 +318,30 @@ def section_equity(folder: Path | None, note: str) -> str:
         out += f'<p class="meta">{_esc(note)}.</p>'
     out += _table(["strategy", "annual return", "volatility", "Sharpe", "IR vs benchmark", "max drawdown",
                    "turnover/day"], rows)
+    out += _qlib_check(folder / "qlib_check.json")
     png = folder / "cumulative.png"
     out += _img(png, "Cumulative return: strategies (net and gross), benchmark, excess") if png.is_file() \
         else _na("cumulative.png is missing")
     return out
+
+
+def _qlib_check(path: Path) -> str:
+    """fvae's TopK-Drop beside qlib's own (``python -m fvae.backtest --qlib-check``), when it was run."""
+    if not path.is_file():
+        return ""
+    q = _read_json(path)
+    rows = []
+    for who, label in (("ours", "fvae"), ("qlib", "qlib TopkDropoutStrategy")):
+        for side in ("gross", "net"):
+            m = q[who][side]
+            rows.append([f"{label} ({side})", _pct(m["annual_return"]), _fmt(m["sharpe"], 2),
+                         _fmt(m.get("information_ratio"), 2), _pct(m["max_drawdown"]), _fmt(q[who]["mean_turnover"], 3)])
+    corr = q.get("daily_correlation", {})
+    return (f'<h3>Cross-check: the same TopK-Drop in qlib\'s own backtest</h3><p class="meta">{q["days"]} common '
+            f'days; correlation of daily returns {_fmt(corr.get("gross"), 3)} gross, {_fmt(corr.get("net"), 3)} '
+            f'net; {_esc(q.get("note", ""))}.</p>'
+            + _table(["backtest", "annual return", "Sharpe", "IR vs benchmark", "max drawdown", "turnover/day"],
+                     rows))
 
 
 def section_drawdown(folder: Path | None, note: str) -> str:

@@ -605,9 +605,13 @@ def init_ray(*, address: str | None = None, num_cpus: int | None = None) -> None
     if ray.is_initialized():
         return
     api = os.environ.get("RAY_API_SERVER_ADDRESS")
+    # Ray Train patches print() in its workers to tee into its logger, whose console handler then
+    # prints every progress line a second time; fvae's lines are plain progress, so no patch.
+    env_vars = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     if address or os.environ.get("RAY_ADDRESS"):
-        env = {"env_vars": {"RAY_API_SERVER_ADDRESS": api}} if api else None
-        ray.init(address=address or os.environ["RAY_ADDRESS"], runtime_env=env)
+        if api:
+            env_vars["RAY_API_SERVER_ADDRESS"] = api
+        ray.init(address=address or os.environ["RAY_ADDRESS"], runtime_env={"env_vars": env_vars})
         return
     import socket
 
@@ -616,7 +620,7 @@ def init_ray(*, address: str | None = None, num_cpus: int | None = None) -> None
         port = s.getsockname()[1]
     ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 2, object_store_memory=256 * 1024 * 1024,
              include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-             runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
+             runtime_env={"env_vars": {**env_vars, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
 
 
 def run_ray(cfg: Config, *, data: Path, out: Path, workers: int, gpu: bool, address: str | None = None,

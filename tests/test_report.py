@@ -223,3 +223,19 @@ def test_baselines_and_a_separate_robustness_run_are_both_shown(tiny_run, tmp_pa
     only = rp.build_report(run, out=tmp_path / "o.html", progress=False,
                            baselines=[run / "robustness" / "baselines.json"]).read_text()
     assert "gru (test, 3 seeds)" in only and "lightgbm" not in only  # a lone file gives its rows too
+
+
+def test_qlib_cross_check_is_shown_beside_ours(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    rp.build_report(run, out=tmp_path / "first.html", progress=False)  # runs the backtest into run/backtest
+    side = {"annual_return": 0.1234, "annual_volatility": 0.2, "sharpe": 0.61, "information_ratio": 0.1,
+            "max_drawdown": -0.3}
+    (run / "backtest" / "qlib_check.json").write_text(json.dumps(
+        {"days": 57, "daily_correlation": {"gross": 0.987, "net": 0.954}, "note": "qlib: shares at the close",
+         "ours": {"gross": side, "net": side, "mean_turnover": 0.2},
+         "qlib": {"gross": dict(side, annual_return=0.0777), "net": side, "mean_turnover": 0.19}}))
+    page = rp.build_report(run, out=tmp_path / "r.html", progress=False).read_text()
+    equity = page.split('<section id="equity">')[1].split("</section>")[0]
+    assert "qlib TopkDropoutStrategy (gross)" in equity and "7.77" in equity and "0.987" in equity
+    assert "Cross-check" not in (tmp_path / "first.html").read_text()
