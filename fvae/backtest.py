@@ -5,8 +5,8 @@
                             [--benchmark INDEX_CSV] [--max-weight 0.05 --max-turnover 0.3
                             --risk-aversion 1] [--qlib-check]
 
-PREDICTIONS is a ``pred_*.parquet`` written by ``fvae.train`` or a run directory (then its
-``pred_test.parquet``). Mean-variance also needs the matching ``factors_*.parquet`` next to it.
+PREDICTIONS is a ``pred_*.parquet`` written by ``fvae.train``, a run directory (then its
+``pred_test.parquet``) or a search directory of ``fvae.tune`` (then its best trial's). Mean-variance also needs the matching ``factors_*.parquet`` next to it.
 
 Timing convention. A row (date t, stock i) of the predictions holds the score computed from
 information up to t and ``label`` = ret[t, i], the raw forward return realised *after* t (for the
@@ -33,6 +33,7 @@ weight); for all: ``backtest.json`` (metrics with and without costs), ``cumulati
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -107,12 +108,24 @@ class Market:
 
 
 def resolve_predictions(path: str | Path) -> Path:
-    """A pred_*.parquet file, or a run directory's pred_test.parquet."""
+    """A pred_*.parquet file, a run directory's pred_test.parquet, or that of a search directory's
+    best trial (``summary.json`` of ``fvae.tune``)."""
     path = Path(path)
+    if path.is_dir() and not (path / "pred_test.parquet").exists() and (path / "summary.json").is_file():
+        try:
+            summary = json.loads((path / "summary.json").read_text())
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path / 'summary.json'}: not valid JSON ({e})") from None
+        best = (summary.get("best") or {}).get("trial_id")
+        if best is None:
+            raise DataError(f"{path / 'summary.json'}: the search has no best trial yet")
+        recorded = [t["run_dir"] for t in summary.get("trials", []) if t.get("trial_id") == best and t.get("run_dir")]
+        path = next((Path(r) for r in recorded if Path(r).is_dir()), path / "trials" / str(best))
     if path.is_dir():
         path = path / "pred_test.parquet"
     if not path.is_file():
-        raise DataError(f"{path}: prediction file not found (expected a pred_*.parquet or a run directory)")
+        raise DataError(f"{path}: prediction file not found (expected a pred_*.parquet, a run directory or a "
+                        "search directory)")
     return path
 
 
@@ -139,7 +152,7 @@ def load_market(pred: str | Path, *, data: str | Path | None = None, need_risk: 
         raise DataError(f"{pred_path}: duplicate (datetime, instrument) rows")
     df["datetime"] = pd.to_datetime(df["datetime"])
     df["instrument"] = df["instrument"].astype(str)
-    source = {"predictions": str(pred_path)}
+    source = {"predictions": str(pred_path.resolve())}
 
     if data is not None:
         data = Path(data)

@@ -265,8 +265,15 @@ def ensure_backtest(inp: Inputs, *, topk: int | None, n_drop: int | None, progre
     if inp.run_dir is None:
         return None, inp.notes.get("run", "no run directory was found")
     folder = inp.run_dir / "backtest"
-    if (folder / "backtest.json").is_file() and topk is None and n_drop is None:
-        return folder, ""
+    if topk is None and n_drop is None:
+        # python -m fvae.backtest --pred EXP_DIR --out EXP_DIR/backtest: the best trial's, made beside the search
+        beside = inp.source / "backtest"
+        if inp.summary is not None and (beside / "backtest.json").is_file():
+            made_from = (_read_json(beside / "backtest.json").get("source") or {}).get("predictions")
+            if made_from and Path(made_from).resolve() == (inp.run_dir / "pred_test.parquet").resolve():
+                return beside, ""
+        if (folder / "backtest.json").is_file():
+            return folder, ""
     pred = inp.run_dir / "pred_test.parquet"
     if not pred.is_file():
         return None, f"{pred} is missing"

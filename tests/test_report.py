@@ -239,3 +239,20 @@ def test_qlib_cross_check_is_shown_beside_ours(tiny_run, tmp_path):
     equity = page.split('<section id="equity">')[1].split("</section>")[0]
     assert "qlib TopkDropoutStrategy (gross)" in equity and "7.77" in equity and "0.987" in equity
     assert "Cross-check" not in (tmp_path / "first.html").read_text()
+
+
+def test_backtest_beside_a_search_is_the_one_reported(tiny_run, tmp_path):
+    from fvae import backtest as bt
+
+    exp = _summary(tiny_run, tmp_path)
+    assert bt.resolve_predictions(exp) == tiny_run / "pred_test.parquet"  # the best trial's predictions
+    assert bt.main(["--pred", str(exp), "--out", str(exp / "backtest"), "--strategy", "topk", "--topk", "7",
+                    "--n-drop", "2"]) == 0
+    page = rp.build_report(exp, out=tmp_path / "s.html", progress=False).read_text()
+    equity = page.split('<section id="equity">')[1].split("</section>")[0]
+    assert "k = 7, n = 2" in equity
+    empty = tmp_path / "empty_search"
+    empty.mkdir()
+    (empty / "summary.json").write_text(json.dumps({"trials": [], "best": None}))
+    with pytest.raises(bt.DataError, match="no best trial yet"):
+        bt.resolve_predictions(empty)
