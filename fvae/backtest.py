@@ -107,6 +107,14 @@ class Market:
         return np.isfinite(self.score) & np.isfinite(self.ret)
 
 
+def trial_dirs(exp_dir: Path, summary: dict[str, Any], trial_id: str) -> list[Path]:
+    """Where a search's trial may have its run directory: as recorded in summary.json, then
+    EXP_DIR/trials/<id> (the search directory may have moved since)."""
+    recorded = [Path(t["run_dir"]) for t in summary.get("trials", [])
+                if t.get("trial_id") == trial_id and t.get("run_dir")]
+    return [*recorded, exp_dir / "trials" / str(trial_id)]
+
+
 def resolve_predictions(path: str | Path) -> Path:
     """A pred_*.parquet file, a run directory's pred_test.parquet, or that of a search directory's
     best trial (``summary.json`` of ``fvae.tune``)."""
@@ -119,8 +127,8 @@ def resolve_predictions(path: str | Path) -> Path:
         best = (summary.get("best") or {}).get("trial_id")
         if best is None:
             raise DataError(f"{path / 'summary.json'}: the search has no best trial yet")
-        recorded = [t["run_dir"] for t in summary.get("trials", []) if t.get("trial_id") == best and t.get("run_dir")]
-        path = next((Path(r) for r in recorded if Path(r).is_dir()), path / "trials" / str(best))
+        cands = trial_dirs(path, summary, best)
+        path = next((c for c in cands if c.is_dir()), cands[-1])
     if path.is_dir():
         path = path / "pred_test.parquet"
     if not path.is_file():

@@ -159,9 +159,9 @@ def resolve_inputs(path: str | Path, *, data: str | Path | None = None) -> Input
         if tid is None:
             notes["run"] = "the search has no finished trial"
         else:
-            cand = [Path(t["run_dir"]) for t in summary.get("trials", []) if t.get("trial_id") == tid
-                    and t.get("run_dir")] + [path / "trials" / str(tid)]
-            run_dir = next((c for c in cand if (c / "metrics.json").is_file()), None)
+            from fvae.backtest import trial_dirs
+
+            run_dir = next((c for c in trial_dirs(path, summary, tid) if (c / "metrics.json").is_file()), None)
             if run_dir is None:
                 notes["run"] = f"the best trial {tid}'s run directory (with metrics.json) was not found"
     elif (path / "metrics.json").is_file():
@@ -190,11 +190,11 @@ def find_baselines(inp: Inputs, explicit: list[Path] | None) -> list[Path]:
     dirs = [d for d in (inp.run_dir, inp.source) if d is not None]
     cands = [d / sub for sub in ("baselines.json", "baselines/baselines.json", "robustness/baselines.json")
              for d in dirs]
-    found: list[Path] = []
+    found: dict[Path, Path] = {}  # resolved -> as found: a run directory inside EXP_DIR is seen twice
     for c in cands:
-        if c.is_file() and c.resolve() not in {f.resolve() for f in found}:
-            found.append(c)
-    return found
+        if c.is_file():
+            found.setdefault(c.resolve(), c)
+    return list(found.values())
 
 
 def _cell(agg: dict[str, Any], key: str) -> str:
