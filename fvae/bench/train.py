@@ -63,6 +63,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fvae.bench import add_market_args
+
 QLIB_BATCH = 800  # rows per step: qlib's GRU benchmark configs (the class's own default is 2000)
 CPU_TARGET = 1.5  # FactorVAE epoch / qlib GRU epoch on the CPU
 PROGRESS_EVERY_S = 15.0
@@ -72,11 +74,7 @@ WARMUP_STEPS_IF_NO_EPOCH = 2  # untimed steps when --warmup 0: one-time costs st
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fvae.bench train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=None,
-                   help="shard folder: used as is if it holds meta.json, else the synthetic market is written "
-                        "there and kept (default: a temporary folder, removed)")
-    p.add_argument("--stocks", type=int, default=500)
-    p.add_argument("--days", type=int, default=2500, help="trading days in all; 60 %% are the training segment")
+    add_market_args(p, days_help="trading days in all; 60 %% are the training segment")
     p.add_argument("--layout", choices=["daily", "alpha360-like"], default="daily",
                    help="alpha360-like: T=60 x C=6 windows (sets --lookback 60)")
     p.add_argument("--lookback", type=int, default=None, help="T (default 20; 60 with --layout alpha360-like)")

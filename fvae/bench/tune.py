@@ -50,17 +50,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fvae.bench import add_market_args
+
 DEFAULT_SPACE = Path(__file__).resolve().parents[2] / "search_spaces" / "smoke.yaml"
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fvae.bench tune", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=None,
-                   help="shard folder: used as is if it holds meta.json, else the synthetic market is written "
-                        "there and kept (default: a temporary folder, removed)")
-    p.add_argument("--stocks", type=int, default=500)
-    p.add_argument("--days", type=int, default=2500)
+    add_market_args(p)
     p.add_argument("--space", type=Path, default=DEFAULT_SPACE)
     p.add_argument("--num-samples", type=int, default=8)
     p.add_argument("--seed", type=int, default=0, help="TPE seed (and the synthetic market's)")
