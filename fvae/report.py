@@ -470,8 +470,9 @@ def section_search(inp: Inputs) -> str:
     df, keys = _trials_frame(s)
     errors = [t for t in trials if t.get("status") == "ERROR"]
     best = s.get("best") or {}
+    patience = f', {s["patience_stopped"]} stopped by patience' if "patience_stopped" in s else ""
     out = (f'<p class="meta">Search space {_esc(s.get("space", "?"))}: {len(trials)} trials, {len(df)} with a '
-           f'validation Rank ICIR, {len(errors)} failed, {s.get("asha_stopped", "–")} stopped early by ASHA; '
+           f'validation Rank ICIR, {len(errors)} failed, {s.get("asha_stopped", "–")} cut by ASHA{patience}; '
            f'selection by {_esc(s.get("metric", "valid_rank_icir"))}.</p>')
     if best:
         t = best.get("test") or {}

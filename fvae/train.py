@@ -319,6 +319,7 @@ def fit(cfg: Config, *, data: Path, out: Path, d: Dist, report: Reporter | None 
         else:
             bad_epochs += 1
         row["best_valid_rank_icir"] = best["rank_icir"]
+        row["bad_epochs"] = bad_epochs  # lets a search tell a patience stop from a scheduler's cut
         history.append(row)
 
         ckpt_dir = None

@@ -187,14 +187,20 @@ def summarize_search(results: Any, *, space: SearchSpace, exp_dir: Path, data: P
         trial_id = match.group(1) if match else "?"
         params = {k: v for k, v in (r.config or {}).items() if "." in k}
         df = r.metrics_dataframe
-        best_val, epochs = math.nan, 0
+        best_val, epochs, bad_epochs = math.nan, 0, 0
         if df is not None and len(df) and METRIC in df:
             vals = df[METRIC].astype(float)
             best_val = float(vals.max()) if vals.notna().any() else math.nan
             epochs = int(df["training_iteration"].max()) if "training_iteration" in df else len(df)
+            if "bad_epochs" in df and df["bad_epochs"].notna().any():
+                bad_epochs = int(df["bad_epochs"].dropna().iloc[-1])
         tid = trial_id if match else (r.metrics or {}).get("trial_id", "?")
         status = "ERROR" if r.error else "TERMINATED"
+        trial_cfg = resolve_trial_config(space, params, base=base_config).train
+        ended = ("failed" if r.error else "completed" if epochs >= trial_cfg.epochs
+                 else "patience" if trial_cfg.patience and bad_epochs >= trial_cfg.patience else "asha")
         trials.append({"trial_id": tid, "params": params, "valid_rank_icir": best_val, "epochs": epochs,
+                       "ended": ended,
                        "status": status, "error": (str(r.error).splitlines()[0][:500] if r.error else None),
                        "run_dir": str(exp_dir / "trials" / tid)})
     trials.sort(key=lambda t: t["trial_id"])
@@ -211,8 +217,9 @@ def summarize_search(results: Any, *, space: SearchSpace, exp_dir: Path, data: P
         summary["best"] = {"trial_id": best["trial_id"], "params": best["params"], "config": fconfig.to_dict(cfg),
                            "valid_rank_icir": best["valid_rank_icir"], "test": test,
                            "checkpoint": str(run_dir / "checkpoints" / "last" / "state.pt")}
-    max_epochs = resolve_trial_config(space, {}, base=base_config).train.epochs
-    summary["asha_stopped"] = sum(1 for t in trials if t["status"] != "ERROR" and t["epochs"] < max_epochs)
+    # a trial that ended before its last epoch was either cut by ASHA or stopped itself (patience)
+    summary["asha_stopped"] = sum(1 for t in trials if t["ended"] == "asha")
+    summary["patience_stopped"] = sum(1 for t in trials if t["ended"] == "patience")
     atomic_write_json(exp_dir / "summary.json", summary)
     _plot_trials(exp_dir, trials)
     if summary["best"]:

@@ -37,6 +37,9 @@ def test_smoke_search_runs_trials_and_asha_stops_some(smoke_search):
     assert len(trials) == 5 and all(t["status"] == "TERMINATED" for t in trials), trials
     assert all(1 <= t["epochs"] <= 2 for t in trials)
     assert summary["asha_stopped"] >= 1  # ASHA cut at least one trial after its first epoch
+    # smoke.yaml: 2 epochs, patience 2, so no trial can stop itself; a 1-epoch trial was cut by ASHA
+    assert summary["patience_stopped"] == 0
+    assert all(t["ended"] == ("completed" if t["epochs"] == 2 else "asha") for t in trials), trials
     assert len({json.dumps(t["params"], sort_keys=True) for t in trials}) == 5  # TPE proposed 5 configs
 
 
