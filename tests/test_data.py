@@ -211,6 +211,24 @@ def test_panel_batch_matches_rows(tiny_market):
         assert np.allclose(b.x[i, real, -2].numpy(), expect)
 
 
+def test_dense_batch_is_batch_in_fixed_slots(tiny_market):
+    """The CUDA-graph batch holds the same windows, labels and mask as ``batch``, at fixed
+    (slots, all stocks) shape, every stock in panel order; the spare slots are empty days of weight 0."""
+    panel = load_panel(tiny_market, "valid")
+    days = np.array([3, 30, 57])
+    a, b = panel.batch(days), panel.dense_batch(days, np.array([1.0, 0.5, 1.0]), size=5)
+    N = len(panel.instruments)
+    assert b.x.shape == (5, N, panel.lookback, panel.channels) and b.mask.shape == (5, N)
+    for i in range(3):
+        real = a.stock[i][a.mask[i]]
+        assert torch.equal(b.mask[i].nonzero().squeeze(1), real.sort().values)
+        assert torch.equal(b.x[i][real], a.x[i][a.mask[i]]) and torch.equal(b.y[i][real], a.y[i][a.mask[i]])
+        assert (b.x[i][~b.mask[i]] == 0).all() and (b.y[i][~b.mask[i]] == 0).all()
+    assert b.weight.tolist() == [1.0, 0.5, 1.0, 0.0, 0.0] and not b.mask[3:].any() and (b.x[3:] == 0).all()
+    with pytest.raises(ValueError, match="4 days for 3 slots"):
+        panel.dense_batch(np.arange(4), size=3)
+
+
 def test_every_day_once_and_windows_disjoint():
     for D, T, B in [(600, 20, 32), (97, 10, 4), (50, 60, 8), (1000, 1, 16)]:
         for epoch in range(3):

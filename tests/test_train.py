@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fvae import config as fconfig
+from fvae.data.loader import load_panel
 from fvae.model import FactorVAE
 from fvae.train import DEBUG_PRESET, Config, NonFiniteLossError, load_config, load_state, run_standalone
 
@@ -149,6 +150,59 @@ def test_golden_loss_debug_config(tiny_market, tmp_path):
 
 
 GOLDEN = (1.735141, 1.449383, 0.285758, 0.030232)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_run_matches_the_cpu_golden_loss(tiny_market, tmp_path):
+    """The same debug run on cuda:0 lands on the CPU's pinned first-epoch losses (float32 on both,
+    cuDNN's GRU and reductions in another order: agreement to 1e-3, not bit for bit)."""
+    res = run_standalone(_cfg("train.epochs=1"), data=tiny_market, out=tmp_path / "g", gpu=True)
+    row = res["history"][0]
+    got = tuple(row[k] for k in ("loss", "nll", "kl"))
+    assert got == pytest.approx(GOLDEN[:3], rel=1e-3), got
+    assert (tmp_path / "g" / "pred_test.parquet").is_file() and math.isfinite(res["test"]["rank_ic"])
+
+
+def test_cuda_graph_needs_a_gpu(tiny_market, tmp_path):
+    with pytest.raises(ValueError, match="train.cuda_graph: needs one CUDA device in one process"):
+        run_standalone(_cfg("train.cuda_graph=true"), data=tiny_market, out=tmp_path / "c")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_run_follows_the_eager_run(tiny_market, tmp_path):
+    """Graph replays train the same model as the eager loop: the same per-epoch losses (float32
+    sums in another order, the GRU without cuDNN) and the same learning-rate schedule."""
+    eager = run_standalone(_cfg("train.epochs=3"), data=tiny_market, out=tmp_path / "e", gpu=True)
+    graph = run_standalone(_cfg("train.epochs=3", "train.cuda_graph=true"), data=tiny_market, out=tmp_path / "g",
+                           gpu=True)
+    for a, b in zip(eager["history"], graph["history"], strict=True):
+        assert b["lr"] == pytest.approx(a["lr"], rel=1e-6)
+        assert b["train_days"] == a["train_days"] and b["skipped_steps"] == 0
+        for k in ("loss", "nll", "kl"):
+            assert b[k] == pytest.approx(a[k], rel=2e-3, abs=1e-4), (k, a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_step_undoes_a_nonfinite_step(tiny_market):
+    """A NaN label makes the replayed loss NaN: the step reports it and the weights and AdamW state
+    are back where they were; the next finite step moves them."""
+    from fvae.train import GraphStep, build_model, make_optimizer
+
+    cfg = _cfg("train.cuda_graph=true")
+    panel = load_panel(tiny_market, "train").to("cuda")
+    model = build_model(cfg, panel.channels).cuda()
+    optim = make_optimizer(model, cfg.train, torch.device("cuda"))
+    g = GraphStep(model, optim, panel, size=4, bf16=False, grad_clip=1.0)
+    days, w = np.array([0, 40, 80]), np.ones(3, dtype=np.float32)
+    assert g.step(days, w, global_days=3)[0]
+    before = [t.clone() for t in [*g.params, *g._state()]]
+    stock = panel.valid[40].nonzero()[0, 0].item()  # a real stock on day 40
+    panel.label[40, stock] = math.nan
+    finite, _ = g.step(days, w, global_days=3)
+    assert not finite and all(torch.equal(a, b) for a, b in zip(before, [*g.params, *g._state()]))
+    panel.label[40, stock] = 0.0
+    assert g.step(days, w, global_days=3)[0]
+    assert not torch.equal(before[0], g.params[0])
 
 
 def test_resumed_finished_run_reports_its_last_epoch(tiny_market, tmp_path):

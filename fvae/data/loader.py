@@ -110,6 +110,34 @@ class Panel:
         return Batch(x=x.contiguous(), y=y, mask=mask, ret=ret, day=day, stock=stock, weight=w)
 
 
+    def dense_batch(self, days: np.ndarray, weight: np.ndarray | None = None, *, size: int) -> Batch:
+        """A batch of fixed shape, for CUDA graphs: ``size`` day slots x every stock, in panel order.
+
+        The ``len(days)`` days come first; the other slots repeat day 0 with weight 0 and no real
+        stock. x (size, Nall, T, C), y / mask / ret (size, Nall); padded entries are 0 as in ``batch``.
+        """
+        if not 1 <= len(days) <= size:
+            raise ValueError(f"dense_batch: {len(days)} days for {size} slots")
+        dev = self.feat.device
+        n, N = len(days), len(self.instruments)
+        day = torch.zeros(size, dtype=torch.long, device=dev)
+        day[:n] = torch.as_tensor(np.asarray(days), dtype=torch.long, device=dev)
+        w = torch.zeros(size, device=dev)
+        w[:n] = 1.0 if weight is None else torch.as_tensor(np.asarray(weight), dtype=torch.float32, device=dev)
+        mask = self.valid[day] & (torch.arange(size, device=dev) < n)[:, None]  # (size, N)
+        if self.layout == "daily":
+            T = self.lookback
+            tidx = day[:, None] + self.history + torch.arange(-T + 1, 1, device=dev)[None, :]  # (size, T)
+            x = self.feat[tidx].permute(0, 2, 1, 3)  # (size, T, N, C) -> (size, N, T, C)
+        else:
+            x = self.feat[day].view(size, N, self.lookback, self.channels)  # (size, N, T, C)
+        y = torch.where(mask, self.label[day], 0.0)
+        ret = torch.where(mask, self.ret[day], 0.0)
+        stock = torch.arange(N, device=dev).expand(size, N)
+        return Batch(x=(x * mask[:, :, None, None]).contiguous(), y=y, mask=mask, ret=ret, day=day,
+                     stock=stock, weight=w)
+
+
 def load_panel(folder: str | Path, segment: str, *, meta: Meta | None = None,
                handler: str | None = None, extra_columns: tuple[str, ...] = ()) -> Panel:
     """Read one segment of a shard folder into a Panel (on the CPU)."""
