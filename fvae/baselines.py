@@ -5,7 +5,7 @@
                              [--day-fraction 1.0]
                              [--config FACTORVAE_YAML] [--set section.key=value ...] [--debug]
                              [--tuned-config YAML]
-                             [--robustness M]
+                             [--robustness M] [--gpu]
 
 Every model sees exactly what FactorVAE sees: the loader's day panels (``Panel.batch``: x (B, N, T, C)
 windows, the processed ``label`` as the training target, the mask of real stocks), trained on
@@ -85,6 +85,7 @@ class BaselineConfig:
     factorvae_config: Path | None = None  # YAML for fvae.train; model.gat_layers is forced to 0
     factorvae_overrides: tuple[str, ...] = ()
     tuned_config: Path | None = None  # YAML for fvae.train taken as it is (the "tuned" model)
+    gpu: bool = False  # networks and FactorVAE on cuda:0; the ridge and LightGBM stay on the CPU
 
     def __post_init__(self) -> None:
         for name in ("hidden", "epochs", "batch_days", "eval_batch_days"):
@@ -144,7 +145,7 @@ def predict_dense(panel: Panel, fn: Callable[[torch.Tensor, torch.Tensor], torch
     ``fn(x (B, N, T, C), mask (B, N))`` returns (B, N) or (B, N, width).
     """
     D, N = panel.num_days, len(panel.instruments)
-    out = torch.zeros((D, N) if width is None else (D, N, width), dtype=torch.float64)
+    out = torch.zeros((D, N) if width is None else (D, N, width), dtype=torch.float64, device=panel.feat.device)
     with torch.no_grad():
         for i in range(0, D, batch_days):
             b = panel.batch(np.arange(i, min(D, i + batch_days)))
@@ -161,8 +162,8 @@ def score(pred: torch.Tensor, panel: Panel, *, stocks: list[str] | None = None) 
     """
     mask = panel.valid
     if stocks is not None:
-        mask = mask & torch.from_numpy(np.isin(panel.instruments, stocks))[None, :]
-        used = set(panel.instruments[mask.any(0).numpy()])
+        mask = mask & torch.from_numpy(np.isin(panel.instruments, stocks)).to(mask.device)[None, :]
+        used = set(panel.instruments[mask.any(0).cpu().numpy()])
         assert used <= set(stocks), "robustness scoring must see held-out stocks only"
     return summarize(daily_ic(pred, panel.ret, mask), daily_rank_ic(pred, panel.ret, mask))
 
@@ -388,12 +389,21 @@ def train_network(net: nn.Module, split: Split, *, cfg: BaselineConfig, seed: in
 
 def fit_network(kind: str, split: Split, *, cfg: BaselineConfig, seed: int, holdout: list[str] | None = None,
                 progress: bool = True) -> dict[str, Any]:
-    """Train the ``mlp`` or ``gru`` baseline with ``seed``."""
+    """Train the ``mlp`` or ``gru`` baseline with ``seed`` on the device ``split``'s panels live on."""
     torch.manual_seed(seed)
     np.random.seed(seed % (2**32))
     T, C = split.train.lookback, split.train.channels
     net: nn.Module = MLP(T * C, cfg.hidden) if kind == "mlp" else GRUBaseline(C, cfg.hidden)
+    net = net.to(split.train.feat.device)
     return train_network(net, split, cfg=cfg, seed=seed, name=kind, holdout=holdout, progress=progress)
+
+
+def split_on(split: Split, device: torch.device) -> Split:
+    """The same split with its panels on ``device`` (the whole split: one copy, gathers per batch)."""
+    if split.train.feat.device == device:
+        return split
+    return Split(train=split.train.to(device), valid=split.valid.to(device), test=split.test.to(device),
+                 meta=split.meta)
 
 
 def fit_factorvae(data: str | Path, *, out: str | Path, seed: int, cfg: BaselineConfig,
@@ -410,7 +420,7 @@ def fit_factorvae(data: str | Path, *, out: str | Path, seed: int, cfg: Baseline
         tcfg = ftrain.load_config(cfg.factorvae_config,
                                   [*fraction, *cfg.factorvae_overrides, f"train.seed={seed}", "model.gat_layers=0"])
     out = Path(out)
-    result = ftrain.run_standalone(tcfg, data=Path(data), out=out)
+    result = ftrain.run_standalone(tcfg, data=Path(data), out=out, gpu=cfg.gpu)
     res = {"valid": result["valid"], "test": result["test"], "best_epoch": result["best_epoch"],
            "epochs_run": result["epochs_run"], "seed": seed, "run_dir": str(out)}
     if holdout:
@@ -530,6 +540,9 @@ def run_baselines(data: str | Path, *, out: str | Path, models: tuple[str, ...] 
             models = (*models, TUNED)
     if not seeds:
         raise ValueError("--seeds: give at least one seed")
+    if cfg.gpu and not torch.cuda.is_available():
+        raise ValueError("--gpu: no CUDA device is visible")
+    device = torch.device("cuda", 0) if cfg.gpu else torch.device("cpu")
     out.mkdir(parents=True, exist_ok=True)
     full = load_split(data)
     runs = _done_runs(out, data=data, cfg=cfg, robustness=robustness, models=models, seeds=seeds,
@@ -537,6 +550,7 @@ def run_baselines(data: str | Path, *, out: str | Path, models: tuple[str, ...] 
     for seed in seeds:
         holdout = choose_holdout(full, robustness, seed=seed) if robustness else None
         split = load_split(data, holdout=holdout) if holdout else full
+        on_device: Split | None = None  # the networks' copy, made when the first of them runs
         fv_data = data
         if holdout and ("factorvae" in models or TUNED in models):
             fv_data = write_holdout_copy(data, out / f"holdout_data_seed{seed}", holdout)
@@ -552,7 +566,8 @@ def run_baselines(data: str | Path, *, out: str | Path, models: tuple[str, ...] 
                 res = fit_factorvae(fv_data, out=out / f"{name}_seed{seed}", seed=seed, cfg=cfg,
                                     holdout=holdout, test_panel=full.test, tuned=name == TUNED)
             else:
-                res = fit_network(name, split, cfg=cfg, seed=seed, holdout=holdout, progress=progress)
+                on_device = on_device or split_on(split, device)
+                res = fit_network(name, on_device, cfg=cfg, seed=seed, holdout=holdout, progress=progress)
             res["seconds"] = time.time() - t0
             if holdout:
                 res["holdout_stocks"] = holdout
@@ -635,6 +650,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tuned-config", type=Path, default=None, metavar="YAML",
                    help="also train the 'tuned' model: FactorVAE from this YAML as it is (e.g. best_config.yaml)")
     p.add_argument("--robustness", type=int, default=0, metavar="M", help="hold M random stocks out of training")
+    p.add_argument("--gpu", action="store_true",
+                   help="train the MLP, GRU and FactorVAE runs on cuda:0 (the ridge and LightGBM stay on the CPU)")
     return p
 
 
@@ -649,7 +666,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
         base = DEBUG if args.debug else BaselineConfig()
         given = {"hidden": args.hidden, "epochs": args.epochs, "lr": args.lr, "patience": args.patience,
-                 "batch_days": args.batch_days, "day_fraction": args.day_fraction}
+                 "batch_days": args.batch_days, "day_fraction": args.day_fraction, "gpu": args.gpu or None}
         cfg = dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None},
                                   factorvae_config=args.config, tuned_config=args.tuned_config,
                                   factorvae_overrides=tuple(base.factorvae_overrides) + tuple(args.overrides))

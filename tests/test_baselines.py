@@ -153,6 +153,28 @@ def test_day_fraction_is_checked(tiny_market, tmp_path, capsys):
     assert "--day-fraction: expected 0 < value <= 1, got 0.0" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_gpu_without_cuda_is_a_one_line_error(tiny_market, tmp_path, capsys):
+    assert bl.main(["--data", str(tiny_market), "--out", str(tmp_path), "--models", "mlp", "--gpu"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --gpu: no CUDA device is visible"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_split_scores_as_the_cpu_one(split, tiny_market):
+    """The networks' cuda copy of a split gives the CPU's scores, holdout scoring included."""
+    cuda = torch.device("cuda", 0)
+    on = bl.split_on(split, cuda)
+    assert bl.split_on(on, cuda) is on and on.test.feat.device.type == "cuda"
+    pred = torch.randn(split.test.num_days, len(split.test.instruments), generator=torch.Generator().manual_seed(0),
+                       dtype=torch.float64)
+    stocks = list(split.test.instruments[:5])
+    for kw in ({}, {"stocks": stocks}):
+        cpu, gpu = bl.score(pred, split.test, **kw), bl.score(pred.to(cuda), on.test, **kw)
+        assert cpu.keys() == gpu.keys() and all(math.isclose(cpu[k], gpu[k], rel_tol=1e-9) for k in cpu)
+    res = bl.fit_network("gru", on, cfg=bl.DEBUG, seed=0, holdout=stocks, progress=False)
+    assert math.isfinite(res["test"]["rank_ic"]) and math.isfinite(res["holdout"]["rank_ic"])
+
+
 def test_tuned_model_keeps_its_extensions(tiny_market, tmp_path, capsys):
     import yaml
 
