@@ -8,9 +8,10 @@ experiment directory of ``fvae.tune`` (summary.json; the report then covers its 
 directory and adds the search). Sections, with stable ids:
 
     metrics    IC, ICIR, Rank IC, Rank ICIR: FactorVAE valid/test, baselines.json files if present
-               (--baselines, else baselines.json, baselines/baselines.json and
-               robustness/baselines.json in RUN_DIR and EXP_DIR: the model rows come from the first
-               file without a robustness experiment, robustness tables from every file with one),
+               (--baselines, else baselines.json and */baselines.json in RUN_DIR and EXP_DIR,
+               baselines/ and robustness/ first: the model rows come from the first file without a
+               robustness experiment, a table of its own from each other such file, robustness
+               tables from every file with one),
                the synthetic market's ceiling; training curves
     equity     cumulative returns of TopK-Drop and mean-variance, benchmark, excess (fvae.backtest;
                run into RUN_DIR/backtest when its outputs are absent)
@@ -188,8 +189,11 @@ def find_baselines(inp: Inputs, explicit: list[Path] | None) -> list[Path]:
     if explicit:
         return [Path(p) for p in explicit]
     dirs = [d for d in (inp.run_dir, inp.source) if d is not None]
+    # the usual names first (the first file without a robustness experiment gives the main rows), then any
+    # other experiment one level down, such as a paper-sized rerun in EXP_DIR/paper_size
     cands = [d / sub for sub in ("baselines.json", "baselines/baselines.json", "robustness/baselines.json")
              for d in dirs]
+    cands += [c for d in dirs if d.is_dir() for c in sorted(d.glob("*/baselines.json"))]
     found: dict[Path, Path] = {}  # resolved -> as found: a run directory inside EXP_DIR is seen twice
     for c in cands:
         if c.is_file():
@@ -225,14 +229,16 @@ def section_metrics(inp: Inputs, baselines: list[Path]) -> str:
     main = next((bl for _, bl in loaded if not bl.get("robustness")), loaded[0][1] if loaded else None)
     for path, bl in loaded:
         try:
-            if bl is main:
-                n = len(bl.get("seeds", []))
-                for name, agg in bl.get("models", {}).items():
-                    for seg in ("valid", "test"):
-                        if seg in agg:
-                            rows.append([f"{_esc(name)} ({seg}, {n} seed{'s' if n != 1 else ''})",
-                                         *[_cell(agg[seg], k) for k, _ in METRIC_COLS], ""])
+            n = len(bl.get("seeds", []))
+            own = [[f"{_esc(name)} ({seg}, {n} seed{'s' if n != 1 else ''})",
+                    *[_cell(agg[seg], k) for k, _ in METRIC_COLS], ""]
+                   for name, agg in bl.get("models", {}).items() for seg in ("valid", "test") if seg in agg]
             rob = bl.get("robustness")
+            if bl is main:
+                rows += own
+            elif not rob and own:  # another full-universe experiment: its own table, named by its folder
+                parts.append(f"<h3>Baselines in <code>{_esc(path.parent.name)}</code></h3>"
+                             + _table(["model (segment)", *[h for _, h in METRIC_COLS], "days"], own))
             if rob:
                 rrows = [[_esc(n), _cell(a, "rank_ic"), _cell(a, "rank_icir")] for n, a in rob["models"].items()]
                 parts.append(f"<h3>Robustness: {rob['m']} stocks removed from training (test Rank IC on them, "

@@ -220,6 +220,13 @@ def test_baselines_and_a_separate_robustness_run_are_both_shown(tiny_run, tmp_pa
     assert "lightgbm (test, 3 seeds)" in metrics and "tuned (test, 3 seeds)" in metrics
     assert "gru (test" not in metrics  # the robustness run's models trained without 50 stocks: no main rows
     assert "Robustness: 50 stocks removed from training" in metrics and "0.0789" in metrics
+    _baselines_file(run / "paper_size" / "baselines.json", {"factorvae": 0.0321})  # any other experiment
+    page = rp.build_report(run, out=tmp_path / "p.html", progress=False).read_text()
+    metrics = page.split('<section id="metrics">')[1].split("</section>")[0]
+    main_rows = metrics.split("<h3>")[0]
+    assert "lightgbm (test, 3 seeds)" in main_rows and "factorvae (test" not in main_rows
+    assert "Baselines in <code>paper_size</code>" in metrics and "factorvae (test, 3 seeds)" in metrics
+    assert "0.0321" in metrics
     only = rp.build_report(run, out=tmp_path / "o.html", progress=False,
                            baselines=[run / "robustness" / "baselines.json"]).read_text()
     assert "gru (test, 3 seeds)" in only and "lightgbm" not in only  # a lone file gives its rows too
