@@ -256,13 +256,14 @@ class GraphStep:
                 torch.backends.cudnn.flags(enabled=False):
             parts = self.model(self.x, self.y, self.mask)
         w = self.weight
-        loss = (parts.loss.float() * w).sum() * self.scale
+        loss_sum = (parts.loss.float() * w).sum()
+        loss = loss_sum * self.scale
         loss.backward()
         self.loss = loss.detach()  # holding the autograd graph would keep its nodes on the warm-up stream
         if self.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
         self.optim.step()
-        self.sums = torch.stack([(parts.loss.float() * w).sum(), (parts.nll.float() * w).sum(),
+        self.sums = torch.stack([loss_sum, (parts.nll.float() * w).sum(),
                                  (parts.kl.float() * w).sum(), w.sum()]).detach()
 
     def _capture(self) -> None:
@@ -332,6 +333,8 @@ def fit(cfg: Config, *, data: Path, out: Path, d: Dist, report: Reporter | None 
         raise DataError(f"{data}: content fingerprint differs from the checkpoint's; "
                         "resume with the data it was trained on")
 
+    if tcfg.cuda_graph and (d.device.type != "cuda" or d.world_size > 1):
+        raise ValueError("train.cuda_graph: needs one CUDA device in one process (--gpu, no --workers > 1)")
     _seed_all(tcfg.seed)
     train_p = load_panel(data, "train", meta=meta, handler=cfg.data.handler).to(d.device)
     valid_p = load_panel(data, "valid", meta=meta, handler=cfg.data.handler).to(d.device)
@@ -341,8 +344,6 @@ def fit(cfg: Config, *, data: Path, out: Path, d: Dist, report: Reporter | None 
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
     step_fn = torch.compile(net) if tcfg.compile else net
-    if tcfg.cuda_graph and (d.device.type != "cuda" or d.world_size > 1):
-        raise ValueError("train.cuda_graph: needs one CUDA device in one process (--gpu, no --workers > 1)")
 
     optim = make_optimizer(model, tcfg, d.device)
     probe = epoch_batches(train_p.num_days, batch_days=cfg.data.batch_days, lookback=train_p.lookback,

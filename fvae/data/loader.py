@@ -94,21 +94,9 @@ class Panel:
         # real stocks first, in panel order; stable so the layout is deterministic
         stock = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, :n]  # (B, N)
         mask = torch.arange(n, device=dev)[None, :] < count[:, None]  # (B, N)
-        if self.layout == "daily":
-            T = self.lookback
-            tidx = day[:, None] + self.history + torch.arange(-T + 1, 1, device=dev)[None, :]  # (B, T)
-            x = self.feat[tidx[:, :, None], stock[:, None, :]]  # (B, T, N, C)
-            x = x.permute(0, 2, 1, 3)  # (B, N, T, C)
-        else:
-            x = self.feat[day[:, None], stock].view(len(day), n, self.lookback, self.channels)  # (B, N, T, C)
-        rows = day[:, None]
-        y = torch.where(mask, self.label[rows, stock], 0.0)
-        ret = torch.where(mask, self.ret[rows, stock], 0.0)
-        x = x * mask[:, :, None, None]
         w = torch.ones(len(day), device=dev) if weight is None else torch.as_tensor(
             np.asarray(weight), dtype=torch.float32, device=dev)
-        return Batch(x=x.contiguous(), y=y, mask=mask, ret=ret, day=day, stock=stock, weight=w)
-
+        return self._gather(day, stock, mask, w)
 
     def dense_batch(self, days: np.ndarray, weight: np.ndarray | None = None, *, size: int) -> Batch:
         """A batch of fixed shape, for CUDA graphs: ``size`` day slots x every stock, in panel order.
@@ -125,17 +113,24 @@ class Panel:
         w = torch.zeros(size, device=dev)
         w[:n] = 1.0 if weight is None else torch.as_tensor(np.asarray(weight), dtype=torch.float32, device=dev)
         mask = self.valid[day] & (torch.arange(size, device=dev) < n)[:, None]  # (size, N)
+        stock = torch.arange(N, device=dev).expand(size, N)
+        return self._gather(day, stock, mask, w)
+
+    def _gather(self, day: torch.Tensor, stock: torch.Tensor, mask: torch.Tensor, w: torch.Tensor) -> Batch:
+        """The batch of ``day`` (B,) x panel columns ``stock`` (B, N); entries outside ``mask`` are 0."""
+        B, n = stock.shape
         if self.layout == "daily":
             T = self.lookback
-            tidx = day[:, None] + self.history + torch.arange(-T + 1, 1, device=dev)[None, :]  # (size, T)
-            x = self.feat[tidx].permute(0, 2, 1, 3)  # (size, T, N, C) -> (size, N, T, C)
+            tidx = day[:, None] + self.history + torch.arange(-T + 1, 1, device=day.device)[None, :]  # (B, T)
+            x = self.feat[tidx[:, :, None], stock[:, None, :]]  # (B, T, N, C)
+            x = x.permute(0, 2, 1, 3)  # (B, N, T, C)
         else:
-            x = self.feat[day].view(size, N, self.lookback, self.channels)  # (size, N, T, C)
-        y = torch.where(mask, self.label[day], 0.0)
-        ret = torch.where(mask, self.ret[day], 0.0)
-        stock = torch.arange(N, device=dev).expand(size, N)
-        return Batch(x=(x * mask[:, :, None, None]).contiguous(), y=y, mask=mask, ret=ret, day=day,
-                     stock=stock, weight=w)
+            x = self.feat[day[:, None], stock].view(B, n, self.lookback, self.channels)  # (B, N, T, C)
+        rows = day[:, None]
+        y = torch.where(mask, self.label[rows, stock], 0.0)
+        ret = torch.where(mask, self.ret[rows, stock], 0.0)
+        x = x * mask[:, :, None, None]
+        return Batch(x=x.contiguous(), y=y, mask=mask, ret=ret, day=day, stock=stock, weight=w)
 
 
 def load_panel(folder: str | Path, segment: str, *, meta: Meta | None = None,
