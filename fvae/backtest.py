@@ -44,7 +44,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fvae.data.shards import DataError, atomic_write_json, read_meta, read_rows
+from fvae.data.shards import DataError, read_meta, read_rows
+from fvae.io import atomic_write_json, pyplot
 
 TRADING_DAYS = 252
 STRATEGIES = ("topk", "mv")
@@ -573,10 +574,7 @@ def run_backtest(pred: str | Path, *, out: str | Path, data: str | Path | None =
 def plot_backtest(daily: dict[str, pd.DataFrame], dates: pd.DatetimeIndex, bench: np.ndarray, *,
                   out: Path) -> None:
     """cumulative.png (strategies gross/net, benchmark; excess below) and drawdown.png."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     colors = {"topk": "C0", "mv": "C2"}
     fig, ax = plt.subplots(2, 1, figsize=(10, 6.5), sharex=True, gridspec_kw={"height_ratios": [2, 1]})

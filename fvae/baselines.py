@@ -9,16 +9,18 @@
 
 Every model sees exactly what FactorVAE sees: the loader's day panels (``Panel.batch``: x (B, N, T, C)
 windows, the processed ``label`` as the training target, the mask of real stocks), trained on
-the train segment, selected on the validation Rank IC, scored on the test segment with
+the train segment, selected on the validation Rank ICIR (as FactorVAE; LightGBM keeps qlib's rule,
+early stopping on the validation L2), scored on the test segment with
 ``fvae.metrics`` against the raw forward return ``ret`` (as ``fvae.train`` scores FactorVAE):
 
     linear     ridge regression on the flattened T·C window, closed form; the ridge λ (relative to
-               the mean eigenvalue of the Gram matrix) is chosen on the validation Rank IC
+               the mean eigenvalue of the Gram matrix) is chosen on the validation Rank ICIR
     lightgbm   gradient-boosted trees on the flattened window with qlib's benchmark settings for
                Alpha158/Alpha360 (its ``LGBModel``: MSE, 1,000 rounds at most, early stopping after 50
                rounds without a better validation L2); LightGBM is called directly, so only
                ``fvae.data.qlib_io`` imports qlib
-    mlp        two hidden layers on the flattened window, MSE on the label
+    mlp        two hidden layers on the flattened window, MSE on the label; MLP and GRU train through
+               FactorVAE's own step, epoch loop and early stopping (``fvae.train``) with their own loss
     gru        FactorVAE's own feature extractor (``fvae.model.FeatureExtractor``: Linear + LeakyReLU
                + GRU) with a linear head, MSE on the label
     factorvae  ``fvae.train.run_standalone`` with the paper's model (``model.gat_layers=0``)
@@ -57,14 +59,20 @@ import pandas as pd
 import torch
 from torch import nn
 
-from fvae.data.loader import Panel, epoch_batches, load_panel
-from fvae.data.shards import DataError, Meta, atomic_write_json, read_meta, read_rows, write_shards
+from fvae import train as ftrain
+from fvae.data.loader import Batch, Panel, epoch_batches, load_panel
+from fvae.data.shards import DataError, Meta, read_meta, read_rows, write_shards
+from fvae.io import atomic_write_json
 from fvae.metrics import daily_ic, daily_rank_ic, summarize
 from fvae.model import FeatureExtractor, ModelConfig
 
 MODELS = ("linear", "lightgbm", "mlp", "gru", "factorvae")
 TUNED = "tuned"  # the model of --tuned-config; added to the models when that is given
 METRICS = ("ic", "icir", "rank_ic", "rank_icir")
+SELECTED_BY = {  # how each model's final fit was chosen, shown in the table
+    "linear": "λ by valid Rank ICIR", "lightgbm": "rounds by valid L2 (qlib's rule)",
+    "mlp": "epoch by valid Rank ICIR", "gru": "epoch by valid Rank ICIR",
+    "factorvae": "epoch by valid Rank ICIR", TUNED: "epoch by valid Rank ICIR"}
 RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4)  # λ / mean eigenvalue of the centred Gram matrix
 DEBUG_FACTORVAE = ["model.hidden_size=16", "model.num_factors=4", "model.num_portfolios=8", "train.epochs=2",
                    "data.batch_days=16"]
@@ -78,7 +86,7 @@ class BaselineConfig:
     epochs: int = 30
     lr: float = 1e-3
     weight_decay: float = 1e-4
-    patience: int = 5  # epochs without a better validation Rank IC before stopping
+    patience: int = 5  # epochs without a better validation Rank ICIR before stopping
     batch_days: int = 16
     eval_batch_days: int = 64
     day_fraction: float = 1.0  # share of training days per epoch, drawn anew each epoch
@@ -172,7 +180,7 @@ def score(pred: torch.Tensor, panel: Panel, *, stocks: list[str] | None = None) 
 
 
 def fit_ridge(split: Split, *, grid: tuple[float, ...] = RIDGE_GRID, batch_days: int = 32) -> dict[str, Any]:
-    """Ridge on the flattened window with an unpenalised intercept; λ picked on validation Rank IC.
+    """Ridge on the flattened window with an unpenalised intercept; λ picked on validation Rank ICIR.
 
     Sufficient statistics accumulated over day batches (memory O(F²), F = T·C, never the full design):
         A = Σ x xᵀ − n m mᵀ (centred Gram),  b = Σ x y − n m ȳ,  then A = V diag(e) Vᵀ once and
@@ -209,11 +217,11 @@ def fit_ridge(split: Split, *, grid: tuple[float, ...] = RIDGE_GRID, batch_days:
         return (x.reshape(B, N, -1).double() @ W + c)  # (B, N, L)
 
     val = predict_dense(split.valid, fn, width=len(grid))
-    ric = [score(val[..., j], split.valid)["rank_ic"] for j in range(len(grid))]
-    best = int(np.nanargmax(np.where(np.isfinite(ric), ric, -np.inf)))
+    ricir = [score(val[..., j], split.valid)["rank_icir"] for j in range(len(grid))]
+    best = int(np.nanargmax(np.where(np.isfinite(ricir), ricir, -np.inf)))
     w_best, c_best = W[:, best].clone(), float(c[best])
     return {"weights": w_best, "intercept": c_best, "lambda_rel": grid[best],
-            "valid_rank_ic_by_lambda": {str(g): r for g, r in zip(grid, ric)}}
+            "valid_rank_icir_by_lambda": {str(g): r for g, r in zip(grid, ricir)}}
 
 
 def _ridge_predict(fit: dict[str, Any]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -331,56 +339,47 @@ class GRUBaseline(nn.Module):
         return out
 
 
-def _masked_mse(pred: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over days of the per-day mean squared error over real stocks."""
-    err = torch.where(mask, (pred - y) ** 2, 0.0).sum(1) / mask.sum(1).clamp_min(1)
-    return err.mean()
+def _masked_mse_terms(net: nn.Module, b: Batch) -> torch.Tensor:
+    """(1, B): each day's mean squared error to the label over its real stocks."""
+    err = torch.where(b.mask, (net(b.x, b.mask) - b.y) ** 2, 0.0)
+    return (err.sum(1) / b.mask.sum(1).clamp_min(1))[None].float()
+
+
+MSE = ftrain.Objective(names=("loss",), terms=_masked_mse_terms)
 
 
 def train_network(net: nn.Module, split: Split, *, cfg: BaselineConfig, seed: int, name: str,
                   holdout: list[str] | None = None, progress: bool = True) -> dict[str, Any]:
-    """Adam on the masked MSE to the label, day batches as FactorVAE's (non-overlapping windows),
-    early stopping on the validation Rank IC; returns valid/test metrics of the best epoch."""
+    """Adam on the masked MSE to the label through FactorVAE's own step, epoch loop and early stopping
+    (``fvae.train.EagerStep``, ``train_epochs``, ``EarlyStopping``: the best epoch by validation Rank
+    ICIR), over FactorVAE's non-overlapping day batches; returns valid/test metrics of the best epoch."""
     train = split.train
+    d = ftrain.Dist(device=train.feat.device)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    best_ric, best_state, best_epoch, bad = -math.inf, None, -1, 0
-    history = []
-    for epoch in range(cfg.epochs):
-        t0 = time.time()
-        net.train()
-        losses = []
-        for days in epoch_batches(train.num_days, batch_days=cfg.batch_days, lookback=train.lookback, seed=seed,
-                                  epoch=epoch, day_fraction=cfg.day_fraction):
-            b = train.batch(days)
-            if not bool(b.mask.any()):
-                continue
-            loss = _masked_mse(net(b.x, b.mask), b.y, b.mask)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-            opt.step()
-            losses.append(loss.item())
+    step = ftrain.EagerStep(net, opt, train, d=d, grad_clip=1.0, objective=MSE)
+    stopper = ftrain.EarlyStopping(patience=cfg.patience)
+
+    def validate() -> dict[str, float]:
         net.eval()
-        val = score(predict_dense(split.valid, net, batch_days=cfg.eval_batch_days), split.valid)
-        history.append({"epoch": epoch, "loss": float(np.mean(losses)) if losses else math.nan,
-                        "valid_rank_ic": val["rank_ic"]})
+        return score(predict_dense(split.valid, net, batch_days=cfg.eval_batch_days), split.valid)
+
+    def show(row: dict[str, Any]) -> None:
         if progress:
-            print(f"[baselines] {name} seed {seed} epoch {epoch + 1}/{cfg.epochs} loss {history[-1]['loss']:.4f} "
-                  f"valid RankIC {val['rank_ic']:.4f} [{time.time() - t0:.1f}s]", flush=True)
-        r = val["rank_ic"] if math.isfinite(val["rank_ic"]) else -math.inf
-        if r > best_ric:
-            best_ric, best_epoch, bad = r, epoch, 0
-            best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-        else:
-            bad += 1
-            if cfg.patience and bad >= cfg.patience:
-                break
-    if best_state is not None:
-        net.load_state_dict(best_state)
+            print(f"[baselines] {name} seed {seed} epoch {row['epoch'] + 1}/{cfg.epochs} loss {row['loss']:.4f} "
+                  f"valid RankIC {row['valid_rank_ic']:.4f} RankICIR {row['valid_rank_icir']:.3f} "
+                  f"[{row['seconds']:.1f}s]", flush=True)
+
+    history = ftrain.train_epochs(
+        step, epochs=range(cfg.epochs), validate=validate, stopper=stopper, history=[], model=net, d=d,
+        batches=lambda e: epoch_batches(train.num_days, batch_days=cfg.batch_days, lookback=train.lookback,
+                                        seed=seed, epoch=e, day_fraction=cfg.day_fraction),
+        max_skipped_fraction=ftrain.TrainConfig().max_skipped_fraction, after_epoch=show)
+    if stopper.best_state is not None:
+        net.load_state_dict(stopper.best_state)
     net.eval()
     test_pred = predict_dense(split.test, net, batch_days=cfg.eval_batch_days)
     res = {"valid": score(predict_dense(split.valid, net, batch_days=cfg.eval_batch_days), split.valid),
-           "test": score(test_pred, split.test), "best_epoch": best_epoch, "epochs_run": len(history),
+           "test": score(test_pred, split.test), "best_epoch": stopper.best_epoch, "epochs_run": len(history),
            "seed": seed}
     if holdout:
         res["holdout"] = score(test_pred, split.test, stocks=holdout)
@@ -411,8 +410,6 @@ def fit_factorvae(data: str | Path, *, out: str | Path, seed: int, cfg: Baseline
                   tuned: bool = False) -> dict[str, Any]:
     """FactorVAE as the paper has it (``model.gat_layers=0``) through ``fvae.train.run_standalone``;
     with ``tuned``, the model of ``cfg.tuned_config`` as it is (only the seed changes)."""
-    from fvae import train as ftrain
-
     if tuned:
         tcfg = ftrain.load_config(cfg.tuned_config, [f"train.seed={seed}"])
     else:
@@ -500,16 +497,17 @@ def _pm(cell: dict[str, Any]) -> str:
 
 def markdown_table(summary: dict[str, Any]) -> str:
     """One row per model: valid Rank IC / Rank ICIR and the four test metrics (mean ± std over seeds)."""
-    head = "| model | valid Rank IC | valid Rank ICIR | test IC | test ICIR | test Rank IC | test Rank ICIR |"
-    lines = [head, "|" + "---|" * 7]
+    head = ("| model | valid Rank IC | valid Rank ICIR | test IC | test ICIR | test Rank IC | test Rank ICIR "
+            "| selected by |")
+    lines = [head, "|" + "---|" * 8]
     for name, agg in summary["models"].items():
         v, t = agg["valid"], agg["test"]
         lines.append(f"| {name} | {_pm(v['rank_ic'])} | {_pm(v['rank_icir'])} | {_pm(t['ic'])} | {_pm(t['icir'])} "
-                     f"| {_pm(t['rank_ic'])} | {_pm(t['rank_icir'])} |")
+                     f"| {_pm(t['rank_ic'])} | {_pm(t['rank_icir'])} | {SELECTED_BY.get(name, '')} |")
     ceiling = summary.get("ceiling_rank_ic")
     if ceiling:
         lines.append(f"| ceiling (true μ) | {ceiling.get('valid', math.nan):.4f} | | | | "
-                     f"{ceiling.get('test', math.nan):.4f} | |")
+                     f"{ceiling.get('test', math.nan):.4f} | | |")
     if summary.get("robustness"):
         rob = summary["robustness"]
         lines += ["", f"Robustness: Rank IC on {rob['m']} stocks removed from training (test segment)", "",
@@ -533,9 +531,7 @@ def run_baselines(data: str | Path, *, out: str | Path, models: tuple[str, ...] 
         raise ValueError(f"--models: unknown {bad} (choose from {', '.join(MODELS)}; "
                          f"'{TUNED}' comes with --tuned-config)")
     if cfg.tuned_config:
-        from fvae.train import load_config
-
-        load_config(cfg.tuned_config, [])  # a bad file fails now, not after the other models trained
+        ftrain.load_config(cfg.tuned_config, [])  # a bad file fails now, not after the other models trained
         if TUNED not in models:
             models = (*models, TUNED)
     if not seeds:
@@ -579,7 +575,8 @@ def run_baselines(data: str | Path, *, out: str | Path, models: tuple[str, ...] 
                       f"{res['test']['rank_ic']:.4f} RankICIR {res['test']['rank_icir']:.3f}{extra} "
                       f"[{res['seconds']:.1f}s]", flush=True)
     summary: dict[str, Any] = {"data": str(data), "seeds": list(seeds), "config": _config_dict(cfg),
-                               "models": {m: aggregate(r) for m, r in runs.items()}}
+                               "models": {m: aggregate(r) for m, r in runs.items()},
+                               "selected_by": {m: SELECTED_BY[m] for m in runs}}
     if "ceiling_rank_ic" in full.meta.extra:
         summary["ceiling_rank_ic"] = full.meta.extra["ceiling_rank_ic"]
     if robustness:
@@ -598,7 +595,10 @@ def _done_runs(out: Path, *, data: Path, cfg: BaselineConfig, robustness: int, m
     ``settings.json`` pins what the runs depend on; a call with other settings starts afresh
     rather than mixing runs that are not comparable.
     """
-    settings = {"data": str(data.resolve()), "config": _config_dict(cfg), "robustness": robustness}
+    # "selected_by": runs chosen by another rule (before, the networks' epoch and the ridge's λ by
+    # valid Rank IC) are not comparable and are not resumed
+    settings = {"data": str(data.resolve()), "config": _config_dict(cfg), "robustness": robustness,
+                "selected_by": SELECTED_BY}
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in models}
     path, pinned = out / "runs.json", out / "settings.json"
     if path.exists() and pinned.exists():

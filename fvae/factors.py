@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fvae.data.shards import DataError, atomic_write_json
+from fvae.data.shards import DataError
+from fvae.io import atomic_write_json, pyplot
 
 DEFAULT_SECTORS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sp500" / "constituents.csv"
 MIN_SECTOR_MATCH = 0.5  # share of the run's instruments that must have a sector
@@ -133,10 +134,7 @@ def analyze_factors(run_dir: str | Path, *, out: str | Path, segment: str = "tes
     res["realised_corr"] = None if corr is None else _matrix(corr)
     res["prior_corr"] = _matrix(prior.corr()) if K > 1 else None
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(1, 2, figsize=(12, 3.8))
     for f in names:

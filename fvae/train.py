@@ -37,8 +37,9 @@ import torch
 import torch.distributed as dist
 
 from fvae import config as fconfig
-from fvae.data.loader import LoaderConfig, Panel, epoch_batches, load_panel, shard_batches
-from fvae.data.shards import DataError, Meta, atomic_write_json, read_meta
+from fvae.data.loader import Batch, LoaderConfig, Panel, epoch_batches, load_panel, shard_batches
+from fvae.data.shards import DataError, Meta, read_meta
+from fvae.io import atomic_to_parquet, atomic_to_pickle, atomic_torch_save, atomic_write_json, pyplot
 from fvae.metrics import daily_ic, daily_rank_ic, summarize
 from fvae.model import FactorVAE, ModelConfig
 
@@ -85,10 +86,16 @@ DEBUG_PRESET = [  # trains in seconds on a tiny synthetic market; used by tests 
 
 
 class NonFiniteLossError(RuntimeError):
-    """A loss went NaN/inf (with train.nonfinite=raise, or too often with skip)."""
+    """A loss or gradient norm went NaN/inf (with train.nonfinite=raise, or too often with skip)."""
 
 
 # --------------------------------------------------------------------------- the loop
+#
+#   fit                 restore -> train_epochs -> write outputs       (FactorVAE, standalone or a DDP rank)
+#   train_epochs        train_epoch -> validate -> EarlyStopping        (every network: FactorVAE, MLP, GRU)
+#   train_epoch         this rank's share of each global batch -> step  (also what fvae.bench times)
+#   EagerStep.step / GraphStep.step
+#                       forward, loss, backward, grad norm, skip-or-AdamW
 
 
 @dataclass
@@ -113,7 +120,7 @@ class Reporter(Protocol):
     def __call__(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None: ...
 
 
-def _seed_all(seed: int) -> None:
+def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % (2**32))
 
@@ -131,16 +138,307 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def _lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
+def lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
+    """Linear warm-up over ``warmup_steps``, then cosine from lr to 5 % of lr (or constant)."""
     def f(step: int) -> float:
         if cfg.warmup_steps and step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
         if cfg.schedule == "constant":
             return 1.0
         progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))  # cosine to 5 % of lr
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
 
     return f
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What a network minimises. ``terms(net, batch)`` gives (P, B) per-day terms named ``names``:
+    row 0 is the loss that is minimised, the others are logged beside it."""
+
+    names: tuple[str, ...]
+    terms: Callable[[torch.nn.Module, Batch], torch.Tensor]
+
+
+def _factorvae_terms(net: torch.nn.Module, b: Batch) -> torch.Tensor:
+    p = net(b.x, b.y, b.mask)
+    return torch.stack([p.loss, p.nll, p.kl]).float()  # (3, B): NLL + γ·KL, NLL, KL per day
+
+
+FACTORVAE = Objective(names=("loss", "nll", "kl"), terms=_factorvae_terms)
+
+
+def weighted_sums(terms: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(P + 1,): Σ_d w_d · term_d for each of the (P, B) terms, then Σ_d w_d.
+
+    A day of weight 0 (a rank's stand-in, a padded graph slot) adds exactly 0, even if its terms
+    are NaN: a select, not 0 · NaN.
+    """
+    per = torch.where(weight > 0, terms * weight, 0.0)  # (P, B)
+    return torch.cat([per.sum(1), weight.sum()[None]])
+
+
+def grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """The global L2 norm of the gradients, which are first clipped to ``max_norm`` when it is > 0."""
+    if max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+
+
+class Step(Protocol):
+    """One optimizer step on this rank's ``days`` of a global batch of ``global_days`` days.
+
+    Returns (finite, sums): finite is False when the loss or the gradient norm was NaN/inf on
+    any rank, and then neither the weights nor the optimizer moved; sums are ``weighted_sums``
+    of the objective's terms on this rank's days.
+    """
+
+    net: torch.nn.Module
+    optim: torch.optim.Optimizer
+    objective: Objective
+
+    def step(self, days: np.ndarray, weight: np.ndarray, *, global_days: int) -> tuple[bool, torch.Tensor]: ...
+
+
+class EagerStep:
+    """The step as plain PyTorch: forward (bf16 autocast on CUDA when asked), backward, clip, AdamW.
+
+    The loss is Σ_d w_d ℓ_d · W / B over this rank's days, W ranks and the B days of the global
+    batch: DDP averages gradients over ranks, so every rank applies the gradient of the mean loss
+    over the global batch. A rank whose only day is a stand-in (weight 0) backpropagates
+    0 · Σ θ instead: every parameter gets a zero gradient (DDP waits for all of them), and no
+    NaN of that day can reach the all-reduce. One host sync per step reads whether the loss and
+    the gradient norm were finite on every rank.
+    """
+
+    def __init__(self, net: torch.nn.Module, optim: torch.optim.Optimizer, panel: Panel, *, d: Dist,
+                 grad_clip: float, bf16: bool = False, objective: Objective = FACTORVAE) -> None:
+        self.net, self.optim, self.panel, self.d, self.objective = net, optim, panel, d, objective
+        self.grad_clip = grad_clip
+        self.autocast = bf16 and d.device.type == "cuda"
+        self.params = [p for g in optim.param_groups for p in g["params"]]
+
+    def step(self, days: np.ndarray, weight: np.ndarray, *, global_days: int) -> tuple[bool, torch.Tensor]:
+        b = self.panel.batch(days, weight)
+        with torch.autocast(device_type=self.d.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            terms = self.objective.terms(self.net, b).float()  # (P, B)
+        sums = weighted_sums(terms, b.weight)
+        if float(np.sum(weight)) > 0:
+            loss = sums[0] * (self.d.world_size / global_days)
+        else:
+            loss = 0.0 * sum(p.sum() for p in self.params)
+        self.optim.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = grad_norm(self.params, self.grad_clip)
+        bad = (~torch.isfinite(loss) | ~torch.isfinite(norm)).float().reshape(1)
+        if self.d.all_reduce(bad, op="max").item() > 0:
+            self.optim.zero_grad(set_to_none=True)  # the clip may have scaled them by NaN: drop them
+            return False, sums.detach()
+        self.optim.step()
+        return True, sums.detach()
+
+
+class GraphStep:
+    """The step (forward, backward, clipping, AdamW) captured once as a CUDA graph, then replayed.
+
+    Why (measured on an H100, 500 stocks x 29 days x T = 60; README, Benchmarks): eager, a step's
+    ~26 ms of kernels, 19 of them in one cuDNN GRU backward kernel, sit behind ~36 ms of launches and
+    host syncs. PyTorch's own fused GRU cell needs ~8 ms of kernels for the whole step but ~1,000
+    launches; replayed from a graph, those launches cost nothing and the step takes ~10 ms.
+
+    A graph needs fixed shapes and no host decisions inside it, so:
+      - every batch is ``Panel.dense_batch``: ``size`` day slots x all N stocks, padded days weighted 0;
+      - the GRU runs over padded stocks too (``gather_real_rows = False``), and without cuDNN;
+      - the optimizer is ``make_optimizer``'s capturable AdamW, whose learning rate is a device tensor
+        that the schedule fills in place between replays;
+      - a non-finite loss or gradient norm cannot branch inside the graph: the graph first copies the
+        parameters and the optimizer state aside, and a step whose loss or norm comes out non-finite
+        is undone from that copy (one host sync per step reads the flag, as the eager step does).
+    One GPU, one process: there is no all-reduce inside the graph.
+    """
+
+    WARMUP = 3  # eager steps on a side stream before capture, as torch.cuda.graphs asks
+
+    def __init__(self, model: FactorVAE, optim: torch.optim.Optimizer, panel: Panel, *, size: int, bf16: bool,
+                 grad_clip: float, objective: Objective = FACTORVAE) -> None:
+        dev = panel.feat.device
+        if dev.type != "cuda":
+            raise ValueError("train.cuda_graph: needs a CUDA device (--gpu)")
+        self.net, self.optim, self.panel, self.size, self.objective = model, optim, panel, size, objective
+        self.bf16, self.grad_clip = bf16, grad_clip
+        model.gather_real_rows = False
+        self.batch = panel.dense_batch(np.zeros(1, dtype=np.int64), size=size)  # static inputs
+        self.scale = torch.ones((), device=dev)  # 1 / days of the global batch
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.finite = torch.ones((), dtype=torch.bool, device=dev)  # static outputs, set by _body
+        self.sums = torch.zeros(len(objective.names) + 1, device=dev)
+        self._capture()
+
+    def _state(self) -> list[torch.Tensor]:
+        return [t for p in self.params for t in self.optim.state[p].values() if torch.is_tensor(t)]
+
+    def _body(self) -> None:
+        with torch.no_grad():
+            torch._foreach_copy_(self.backup, [*self.params, *self._state()])
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16, cache_enabled=False), \
+                torch.backends.cudnn.flags(enabled=False):
+            terms = self.objective.terms(self.net, self.batch).float()  # (P, size)
+        sums = weighted_sums(terms, self.batch.weight)
+        loss = sums[0] * self.scale
+        loss.backward()
+        norm = grad_norm(self.params, self.grad_clip)
+        self.optim.step()
+        # detached: holding the autograd graph would keep its nodes on the warm-up stream
+        self.finite = (torch.isfinite(loss) & torch.isfinite(norm)).detach()
+        self.sums = sums.detach()
+
+    def _capture(self) -> None:
+        """Warm up with a zero learning rate (so the weights do not move), put the optimizer state back
+        as it was, then capture."""
+        lr = self.optim.param_groups[0]["lr"]
+        if not torch.is_tensor(lr) or len(self.optim.param_groups) != 1:
+            raise ValueError("GraphStep: expected make_optimizer's AdamW (one group, a device tensor lr)")
+        lr_was = lr.clone()
+        had = {id(t): t.clone() for t in self._state()}  # empty for a fresh optimizer
+        weights = [p.detach().clone() for p in self.params]
+        lr.zero_()
+        self.backup = [p.detach().clone() for p in self.params]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self.WARMUP):
+                self.optim.zero_grad(set_to_none=True)
+                self._body()
+                self.backup = [t.detach().clone() for t in [*self.params, *self._state()]]
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.no_grad():
+            for t in self._state():
+                t.copy_(had[id(t)]) if id(t) in had else t.zero_()
+            torch._foreach_copy_(self.params, weights)
+        lr.copy_(lr_was)
+        self.optim.zero_grad(set_to_none=True)  # backward inside the graph allocates the grads it replays
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._body()
+
+    def step(self, days: np.ndarray, weight: np.ndarray, *, global_days: int) -> tuple[bool, torch.Tensor]:
+        b = self.panel.dense_batch(days, weight, size=self.size)
+        for name in ("x", "y", "mask", "weight"):
+            getattr(self.batch, name).copy_(getattr(b, name))
+        self.scale.fill_(1.0 / global_days)
+        self.graph.replay()
+        if bool(self.finite):
+            return True, self.sums
+        with torch.no_grad():
+            torch._foreach_copy_([*self.params, *self._state()], self.backup)
+        return False, self.sums
+
+
+def graph_slots(num_days: int, data: LoaderConfig, lookback: int) -> int:
+    """The most days any batch of ``epoch_batches`` can hold: the day slots of a GraphStep."""
+    if data.non_overlap and lookback > 1:
+        return min(data.batch_days, -(-num_days // lookback))
+    return min(data.batch_days, num_days)
+
+
+def train_epoch(step: Step, batches: list[np.ndarray], *, d: Dist, sched: Any = None, epoch: int = 0,
+                nonfinite: Literal["skip", "raise"] = "skip", max_skipped_fraction: float = 1.0,
+                on_step: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """One step per global batch of ``batches`` on this rank's share of its days (``shard_batches``).
+
+    Returns the day-weighted mean of each objective term over every rank's days, the steps run
+    (and the fewest/most over ranks, which DDP needs equal) and the steps skipped as non-finite.
+    ``sched`` (an LR scheduler) steps after every step, skipped or not.
+    """
+    step.net.train()
+    names = step.objective.names
+    sums = torch.zeros(len(names) + 1, dtype=torch.float64, device=d.device)  # terms..., days
+    skipped = 0
+    for i, (global_days, (days, weight)) in enumerate(
+            zip(batches, shard_batches(batches, rank=d.rank, world_size=d.world_size)), 1):
+        finite, part = step.step(days, weight, global_days=len(global_days))
+        if sched is not None:
+            sched.step()
+        if finite:
+            sums += part.double()
+        elif nonfinite == "raise":
+            raise NonFiniteLossError(f"epoch {epoch}: step {i}'s loss or gradient norm is not finite "
+                                     "(train.nonfinite=raise)")
+        else:
+            skipped += 1
+        if on_step is not None:
+            on_step(i, len(batches))
+    d.all_reduce(sums)
+    steps = torch.tensor([len(batches), -len(batches)], dtype=torch.float64, device=d.device)
+    d.all_reduce(steps, op="max")  # -> (max over ranks, -min over ranks)
+    if skipped > max_skipped_fraction * len(batches):
+        raise NonFiniteLossError(f"epoch {epoch}: {skipped} of {len(batches)} steps had a non-finite loss or "
+                                 f"gradient norm (more than train.max_skipped_fraction={max_skipped_fraction})")
+    n = max(sums[-1].item(), 1.0)
+    return {**{k: sums[j].item() / n for j, k in enumerate(names)}, "skipped_steps": skipped,
+            "steps": len(batches), "rank_steps_min": int(-steps[1].item()), "rank_steps_max": int(steps[0].item()),
+            "train_days": int(n)}
+
+
+@dataclass(kw_only=True)
+class EarlyStopping:
+    """The best epoch by validation Rank ICIR (higher is better; undefined counts as -inf), its
+    weights on the CPU, and whether ``patience`` epochs in a row brought nothing better (0: never)."""
+
+    patience: int
+    best_score: float = -math.inf
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    best_state: dict[str, torch.Tensor] | None = None
+
+    METRIC = "rank_icir"  # the validation metric every network (FactorVAE, MLP, GRU) is selected on
+
+    def update(self, epoch: int, val: dict[str, float], model: torch.nn.Module) -> None:
+        score = val[self.METRIC] if math.isfinite(val[self.METRIC]) else -math.inf
+        if score > self.best_score:
+            self.best_score, self.best_epoch, self.bad_epochs = score, epoch, 0
+            self.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        else:
+            self.bad_epochs += 1
+
+    @property
+    def stop(self) -> bool:
+        return bool(self.patience) and self.bad_epochs >= self.patience
+
+    def state_dict(self) -> dict[str, Any]:  # checkpoint keys, as tune.evaluate_best and resume read them
+        return {"best": {"rank_icir": self.best_score, "epoch": self.best_epoch}, "bad_epochs": self.bad_epochs,
+                "best_model": self.best_state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best_score, self.best_epoch = state["best"]["rank_icir"], state["best"]["epoch"]
+        self.bad_epochs, self.best_state = state["bad_epochs"], state["best_model"]
+
+
+def train_epochs(step: Step, *, epochs: range, batches: Callable[[int], list[np.ndarray]],
+                 validate: Callable[[], dict[str, float]], stopper: EarlyStopping, history: list[dict[str, Any]],
+                 model: torch.nn.Module, d: Dist, sched: Any = None, nonfinite: Literal["skip", "raise"] = "skip",
+                 max_skipped_fraction: float = 1.0,
+                 after_epoch: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """The epoch loop of every network: train an epoch, validate, update ``stopper``, append the
+    epoch's row to ``history``, call ``after_epoch(row)``; stop early when ``stopper`` says so.
+    ``model`` is the bare module whose best weights ``stopper`` keeps (``step.net`` may wrap it)."""
+    for epoch in epochs:
+        if stopper.stop:
+            break
+        t0 = time.time()
+        row: dict[str, Any] = {"epoch": epoch, **train_epoch(step, batches(epoch), d=d, sched=sched, epoch=epoch,
+                                                             nonfinite=nonfinite,
+                                                             max_skipped_fraction=max_skipped_fraction)}
+        row["lr"] = float(step.optim.param_groups[0]["lr"])
+        val = validate()
+        row.update(seconds=time.time() - t0, **{f"valid_{k}": v for k, v in val.items()})
+        stopper.update(epoch, val, model)
+        row["best_valid_rank_icir"] = stopper.best_score
+        row["bad_epochs"] = stopper.bad_epochs  # lets a search tell a patience stop from a scheduler's cut
+        history.append(row)
+        if after_epoch is not None:
+            after_epoch(row)
+    return history
 
 
 @torch.no_grad()
@@ -197,11 +495,77 @@ def evaluate_panel(model: FactorVAE, panel: Panel, d: Dist, *, batch_days: int, 
     return res
 
 
-def _save_state(path: Path, state: dict[str, Any]) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    tmp = path / f".state.pt.tmp-{os.getpid()}"
-    torch.save(state, tmp)
-    tmp.replace(path / "state.pt")
+@dataclass
+class Run:
+    """What ``fit`` trains: the model, the module the step calls (DDP and/or compiled around it),
+    the optimizer and the learning-rate schedule."""
+
+    model: FactorVAE
+    net: torch.nn.Module
+    optim: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+
+
+def day_batches(cfg: Config, panel: Panel, epoch: int) -> list[np.ndarray]:
+    """The global day batches of ``epoch``: the same on every rank (a function of seed and epoch)."""
+    return epoch_batches(panel.num_days, batch_days=cfg.data.batch_days, lookback=panel.lookback,
+                         non_overlap=cfg.data.non_overlap, seed=cfg.train.seed, epoch=epoch,
+                         day_fraction=cfg.data.day_fraction)
+
+
+def build_run(cfg: Config, *, panel: Panel, d: Dist, num_features: int) -> Run:
+    model = build_model(cfg, num_features).to(d.device)
+    net: torch.nn.Module = model
+    if d.world_size > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    if cfg.train.compile:
+        net = torch.compile(net)
+    optim = make_optimizer(model, cfg.train, d.device)
+    total = len(day_batches(cfg, panel, 0)) * cfg.train.epochs
+    return Run(model=model, net=net, optim=optim, sched=torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(cfg.train, total)))
+
+
+def make_step(cfg: Config, run: Run, panel: Panel, d: Dist) -> EagerStep | GraphStep:
+    """The step ``fit`` trains with (and ``fvae.bench train`` times); build it after ``restore``: a graph
+    captures the optimizer state it finds."""
+    t = cfg.train
+    if t.cuda_graph:
+        return GraphStep(run.model, run.optim, panel, bf16=t.bf16, grad_clip=t.grad_clip,
+                         size=graph_slots(panel.num_days, cfg.data, panel.lookback))
+    return EagerStep(run.net, run.optim, panel, d=d, grad_clip=t.grad_clip, bf16=t.bf16)
+
+
+def restore(run: Run, state: dict[str, Any] | None, *, cfg: Config, d: Dist) -> tuple[int, list[dict], EarlyStopping]:
+    """Continue from a checkpoint's state (or start): returns (first epoch, history, early stopping)."""
+    stopper = EarlyStopping(patience=cfg.train.patience)
+    if state is None:
+        return 0, [], stopper
+    run.model.load_state_dict(state["model"])
+    run.optim.load_state_dict(state["optimizer"])
+    run.sched.load_state_dict(state["scheduler"])
+    if cfg.train.cuda_graph:  # the loaded learning rate must stay the device tensor a graph reads
+        for g in run.optim.param_groups:
+            g["lr"] = torch.as_tensor(g["lr"], dtype=torch.float32, device=d.device)
+    torch.set_rng_state(state["rng"]["torch"])
+    if d.device.type == "cuda" and state["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state(state["rng"]["cuda"], d.device)
+    stopper.load_state_dict(state)
+    return state["epoch"] + 1, state["history"], stopper
+
+
+def save_checkpoint(out: Path, run: Run, *, cfg: Config, meta: Meta, history: list[dict],
+                    stopper: EarlyStopping, d: Dist) -> Path:
+    """checkpoints/last/state.pt: everything ``restore`` needs to continue bit for bit."""
+    rng = {"torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state(d.device) if d.device.type == "cuda" else None}
+    state = {"model": run.model.state_dict(), "optimizer": run.optim.state_dict(),
+             "scheduler": run.sched.state_dict(), "epoch": history[-1]["epoch"], "config": fconfig.to_dict(cfg),
+             "fingerprint": meta.fingerprint, "num_features": meta.channels, "history": history,
+             **stopper.state_dict(), "rng": rng}
+    path = out / "checkpoints" / "last"
+    atomic_torch_save(path / "state.pt", state)
+    return path
 
 
 def load_state(path: Path) -> dict[str, Any]:
@@ -209,111 +573,6 @@ def load_state(path: Path) -> dict[str, Any]:
     if not f.is_file():
         raise FileNotFoundError(f"{f}: no checkpoint there")
     return torch.load(f, map_location="cpu", weights_only=False)
-
-
-class GraphStep:
-    """One training step (forward, backward, clipping, AdamW) captured once as a CUDA graph, then replayed.
-
-    Why (measured on an H100, 500 stocks x 29 days x T = 60; README, Benchmarks): eager, a step's
-    ~26 ms of kernels, 19 of them in one cuDNN GRU backward kernel, sit behind ~36 ms of launches and
-    host syncs. PyTorch's own fused GRU cell needs ~8 ms of kernels for the whole step but ~1,000
-    launches; replayed from a graph, those launches cost nothing and the step takes ~10 ms.
-
-    A graph needs fixed shapes and no host decisions inside it, so:
-      - every batch is ``Panel.dense_batch``: ``size`` day slots x all N stocks, padded days weighted 0;
-      - the GRU runs over padded stocks too (``gather_real_rows = False``), and without cuDNN;
-      - the optimizer is ``make_optimizer``'s capturable AdamW, whose learning rate is a device tensor
-        that the schedule fills in place between replays;
-      - a non-finite loss cannot branch inside the graph: the graph first copies the parameters and
-        the optimizer state aside, and a step whose loss comes out non-finite is undone from that copy
-        (one host sync per step reads the loss's finiteness, as the eager loop does).
-    """
-
-    WARMUP = 3  # eager steps on a side stream before capture, as torch.cuda.graphs asks
-
-    def __init__(self, model: FactorVAE, optim: torch.optim.Optimizer, panel: Panel, *, size: int, bf16: bool,
-                 grad_clip: float) -> None:
-        dev = panel.feat.device
-        if dev.type != "cuda":
-            raise ValueError("train.cuda_graph: needs a CUDA device (--gpu)")
-        self.model, self.optim, self.panel, self.size = model, optim, panel, size
-        self.bf16, self.grad_clip = bf16, grad_clip
-        model.gather_real_rows = False
-        b = panel.dense_batch(np.zeros(1, dtype=np.int64), size=size)
-        self.x, self.y, self.mask, self.weight = b.x, b.y, b.mask, b.weight  # static inputs
-        self.scale = torch.ones((), device=dev)  # 1 / days of the global batch
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.loss = self.sums = torch.zeros((), device=dev)  # static outputs, set by _body
-        self._capture()
-
-    def _state(self) -> list[torch.Tensor]:
-        return [t for p in self.params for t in self.optim.state[p].values() if torch.is_tensor(t)]
-
-    def _body(self) -> None:
-        with torch.no_grad():
-            torch._foreach_copy_(self.backup, [*self.params, *self._state()])
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16, cache_enabled=False), \
-                torch.backends.cudnn.flags(enabled=False):
-            parts = self.model(self.x, self.y, self.mask)
-        w = self.weight
-        loss_sum = (parts.loss.float() * w).sum()
-        loss = loss_sum * self.scale
-        loss.backward()
-        self.loss = loss.detach()  # holding the autograd graph would keep its nodes on the warm-up stream
-        if self.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
-        self.optim.step()
-        self.sums = torch.stack([loss_sum, (parts.nll.float() * w).sum(),
-                                 (parts.kl.float() * w).sum(), w.sum()]).detach()
-
-    def _capture(self) -> None:
-        """Warm up with a zero learning rate (so the weights do not move), put the optimizer state back
-        as it was, then capture."""
-        lr = self.optim.param_groups[0]["lr"]
-        if not torch.is_tensor(lr) or len(self.optim.param_groups) != 1:
-            raise ValueError("GraphStep: expected make_optimizer's AdamW (one group, a device tensor lr)")
-        lr_was = lr.clone()
-        had = {id(t): t.clone() for t in self._state()}  # empty for a fresh optimizer
-        weights = [p.detach().clone() for p in self.params]
-        lr.zero_()
-        self.backup = [p.detach().clone() for p in self.params]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(self.WARMUP):
-                self.optim.zero_grad(set_to_none=True)
-                self._body()
-                self.backup = [t.detach().clone() for t in [*self.params, *self._state()]]
-        torch.cuda.current_stream().wait_stream(side)
-        with torch.no_grad():
-            for t in self._state():
-                t.copy_(had[id(t)]) if id(t) in had else t.zero_()
-            torch._foreach_copy_(self.params, weights)
-        lr.copy_(lr_was)
-        self.optim.zero_grad(set_to_none=True)  # backward inside the graph allocates the grads it replays
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._body()
-
-    def step(self, days: np.ndarray, weight: np.ndarray, *, global_days: int) -> tuple[bool, torch.Tensor]:
-        """Run one step on ``days``; returns (finite, sums of loss, nll, kl, weight over the days)."""
-        b = self.panel.dense_batch(days, weight, size=self.size)
-        for static, new in ((self.x, b.x), (self.y, b.y), (self.mask, b.mask), (self.weight, b.weight)):
-            static.copy_(new)
-        self.scale.fill_(1.0 / global_days)
-        self.graph.replay()
-        if bool(torch.isfinite(self.loss)):
-            return True, self.sums
-        with torch.no_grad():
-            torch._foreach_copy_([*self.params, *self._state()], self.backup)
-        return False, self.sums
-
-
-def graph_slots(num_days: int, data: LoaderConfig, lookback: int) -> int:
-    """The most days any batch of ``epoch_batches`` can hold: the day slots of a GraphStep."""
-    if data.non_overlap and lookback > 1:
-        return min(data.batch_days, -(-num_days // lookback))
-    return min(data.batch_days, num_days)
 
 
 def fit(cfg: Config, *, data: Path, out: Path, d: Dist, report: Reporter | None = None,
@@ -326,182 +585,77 @@ def fit(cfg: Config, *, data: Path, out: Path, d: Dist, report: Reporter | None 
     passes the checkpoint folder; the others pass None). ``resume`` is a state dict from a
     checkpoint to continue from.
     """
-    data, out = Path(data), Path(out)
+    data, out, tcfg = Path(data), Path(out), cfg.train
     meta = read_meta(data)
-    tcfg = cfg.train
     if resume is not None and resume.get("fingerprint") != meta.fingerprint:
         raise DataError(f"{data}: content fingerprint differs from the checkpoint's; "
                         "resume with the data it was trained on")
-
     if tcfg.cuda_graph and (d.device.type != "cuda" or d.world_size > 1):
         raise ValueError("train.cuda_graph: needs one CUDA device in one process (--gpu, no --workers > 1)")
-    _seed_all(tcfg.seed)
-    train_p = load_panel(data, "train", meta=meta, handler=cfg.data.handler).to(d.device)
-    valid_p = load_panel(data, "valid", meta=meta, handler=cfg.data.handler).to(d.device)
-    model = build_model(cfg, meta.channels).to(d.device)
-    net: torch.nn.Module = model
-    if d.world_size > 1:
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
-    step_fn = torch.compile(net) if tcfg.compile else net
-
-    optim = make_optimizer(model, tcfg, d.device)
-    probe = epoch_batches(train_p.num_days, batch_days=cfg.data.batch_days, lookback=train_p.lookback,
-                          non_overlap=cfg.data.non_overlap, seed=tcfg.seed, epoch=0,
-                          day_fraction=cfg.data.day_fraction)
-    total_steps = len(probe) * tcfg.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, _lr_lambda(tcfg, total_steps))
-
-    start_epoch, history = 0, []
-    best = {"rank_icir": -math.inf, "epoch": -1}
-    best_state: dict[str, torch.Tensor] | None = None
-    bad_epochs = 0
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        optim.load_state_dict(resume["optimizer"])
-        sched.load_state_dict(resume["scheduler"])
-        start_epoch = resume["epoch"] + 1
-        history = resume["history"]
-        best, bad_epochs, best_state = resume["best"], resume["bad_epochs"], resume["best_model"]
-        if tcfg.cuda_graph:  # the loaded learning rate must stay the device tensor a graph reads
-            for g in optim.param_groups:
-                g["lr"] = torch.as_tensor(g["lr"], dtype=torch.float32, device=d.device)
-        torch.set_rng_state(resume["rng"]["torch"])
-        if d.device.type == "cuda" and resume["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(resume["rng"]["cuda"], d.device)
-
+    seed_all(tcfg.seed)
+    train_p, valid_p = (load_panel(data, s, meta=meta, handler=cfg.data.handler).to(d.device) for s in ("train", "valid"))
+    run = build_run(cfg, panel=train_p, d=d, num_features=meta.channels)
+    start, history, stopper = restore(run, resume, cfg=cfg, d=d)
+    step = make_step(cfg, run, train_p, d)
     writer = _TensorBoard(out / "tb", cfg) if d.is_main and write_outputs else None
     if d.is_main:
         fconfig.dump(cfg, out / "config.yaml")
-        frac = cfg.data.day_fraction
-        print(f"[fvae] train {train_p.num_days} days x {len(train_p.instruments)} stocks, "
-              f"valid {valid_p.num_days} days; {len(probe)} steps/epoch of {cfg.data.batch_days} days"
-              f"{' (non-overlapping)' if cfg.data.non_overlap else ''}"
-              f"{f'; day_fraction={frac}: {frac:.0%} of training days per epoch' if frac < 1 else ''}; "
-              f"world_size={d.world_size}, device={d.device}", flush=True)
+        _announce(cfg, train_p, valid_p, d)
 
-    stopped_early = False
-    epoch = start_epoch - 1
-    graph: GraphStep | None = None  # captured at the first training step
-    for epoch in range(start_epoch, tcfg.epochs):
-        if tcfg.patience and bad_epochs >= tcfg.patience:
-            stopped_early = True
-            break
-        t0 = time.time()
-        model.train()
-        batches = epoch_batches(train_p.num_days, batch_days=cfg.data.batch_days, lookback=train_p.lookback,
-                                non_overlap=cfg.data.non_overlap, seed=tcfg.seed, epoch=epoch,
-                                day_fraction=cfg.data.day_fraction)
-        sums = torch.zeros(4, dtype=torch.float64, device=d.device)  # loss, nll, kl, days
-        skipped = 0
-        for global_days, (days, weight) in zip(batches, shard_batches(batches, rank=d.rank, world_size=d.world_size)):
-            if tcfg.cuda_graph:
-                if graph is None:
-                    graph = GraphStep(model, optim, train_p, bf16=tcfg.bf16, grad_clip=tcfg.grad_clip,
-                                      size=graph_slots(train_p.num_days, cfg.data, train_p.lookback))
-                finite, part = graph.step(days, weight, global_days=len(global_days))
-                if not finite and tcfg.nonfinite == "raise":
-                    raise NonFiniteLossError(f"epoch {epoch}: loss is {graph.loss.item()} (train.nonfinite=raise)")
-                skipped += not finite
-                sched.step()
-                if finite:
-                    sums += part.double()
-                continue
-            b = train_p.batch(days, weight)
-            with torch.autocast(device_type=d.device.type, dtype=torch.bfloat16,
-                                enabled=tcfg.bf16 and d.device.type == "cuda"):
-                parts = step_fn(b.x, b.y, b.mask)
-            # mean over the global batch's days: DDP averages gradients over ranks, hence * W / B
-            scale = d.world_size / len(global_days)
-            loss = (parts.loss.float() * b.weight).sum() * scale
-            bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=d.device)
-            d.all_reduce(bad, op="max")
-            if bad.item() > 0:
-                if tcfg.nonfinite == "raise":
-                    raise NonFiniteLossError(f"epoch {epoch}: loss is {loss.item()} (train.nonfinite=raise)")
-                skipped += 1
-                optim.zero_grad(set_to_none=True)
-                sched.step()
-                continue
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            if tcfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-            optim.step()
-            sched.step()
-            with torch.no_grad():
-                w = b.weight
-                sums += torch.stack([(parts.loss.float() * w).sum(), (parts.nll.float() * w).sum(),
-                                     (parts.kl.float() * w).sum(), w.sum()]).double()
-        d.all_reduce(sums)
-        steps = torch.tensor([len(batches), -len(batches)], dtype=torch.float64, device=d.device)
-        d.all_reduce(steps, op="max")  # -> (max over ranks, -min over ranks): DDP needs them equal
-        if skipped > tcfg.max_skipped_fraction * len(batches):
-            raise NonFiniteLossError(f"epoch {epoch}: {skipped} of {len(batches)} steps had a non-finite loss "
-                                     f"(more than train.max_skipped_fraction={tcfg.max_skipped_fraction})")
-        n = max(sums[3].item(), 1.0)
-        val = evaluate_panel(model, valid_p, d, batch_days=tcfg.eval_batch_days, bf16=tcfg.bf16)
-        row = {"epoch": epoch, "loss": sums[0].item() / n, "nll": sums[1].item() / n, "kl": sums[2].item() / n,
-               "lr": float(optim.param_groups[0]["lr"]), "skipped_steps": skipped, "steps": len(batches),
-               "rank_steps_min": int(-steps[1].item()), "rank_steps_max": int(steps[0].item()),
-               "train_days": int(n), "seconds": time.time() - t0,
-               **{f"valid_{k}": v for k, v in val.items()}}
-        score = val["rank_icir"] if math.isfinite(val["rank_icir"]) else -math.inf
-        if score > best["rank_icir"]:
-            best = {"rank_icir": score, "epoch": epoch}
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            bad_epochs = 0
-        else:
-            bad_epochs += 1
-        row["best_valid_rank_icir"] = best["rank_icir"]
-        row["bad_epochs"] = bad_epochs  # lets a search tell a patience stop from a scheduler's cut
-        history.append(row)
-
-        ckpt_dir = None
+    def after_epoch(row: dict[str, Any]) -> None:
+        ckpt = save_checkpoint(out, run, cfg=cfg, meta=meta, history=history, stopper=stopper, d=d) \
+            if d.is_main else None
+        if writer:
+            writer.epoch(row)
         if d.is_main:
-            state = {"model": model.state_dict(), "optimizer": optim.state_dict(), "scheduler": sched.state_dict(),
-                     "epoch": epoch, "config": fconfig.to_dict(cfg), "fingerprint": meta.fingerprint,
-                     "num_features": meta.channels, "history": history, "best": best, "bad_epochs": bad_epochs,
-                     "best_model": best_state,
-                     "rng": {"torch": torch.get_rng_state(),
-                             "cuda": torch.cuda.get_rng_state(d.device) if d.device.type == "cuda" else None}}
-            ckpt_dir = out / "checkpoints" / "last"
-            _save_state(ckpt_dir, state)
-            if writer:
-                writer.epoch(row)
-            print(f"[fvae] epoch {epoch + 1}/{tcfg.epochs} loss {row['loss']:.4f} (nll {row['nll']:.4f} "
-                  f"kl {row['kl']:.4f}) valid IC {val['ic']:.4f} RankIC {val['rank_ic']:.4f} "
-                  f"RankICIR {val['rank_icir']:.3f} [{row['seconds']:.1f}s"
-                  f"{f', {skipped} skipped' if skipped else ''}]", flush=True)
+            _print_epoch(row, epochs=tcfg.epochs)
         if report is not None:
-            report(row, ckpt_dir)
+            report(row, ckpt)
         if on_epoch_end is not None:
-            on_epoch_end(epoch, row)
+            on_epoch_end(row["epoch"], row)
 
-    if tcfg.patience and bad_epochs >= tcfg.patience:
-        stopped_early = True
-    if report is not None and history and not any(h["epoch"] >= start_epoch for h in history):
+    train_epochs(step, epochs=range(start, tcfg.epochs), batches=lambda e: day_batches(cfg, train_p, e),
+                 validate=lambda: evaluate_panel(run.model, valid_p, d, batch_days=tcfg.eval_batch_days, bf16=tcfg.bf16),
+                 stopper=stopper, history=history, model=run.model, d=d, sched=run.sched, nonfinite=tcfg.nonfinite,
+                 max_skipped_fraction=tcfg.max_skipped_fraction, after_epoch=after_epoch)
+    if report is not None and history and history[-1]["epoch"] < start:
         # resumed with nothing left to train: report the last epoch again, so that a caller
         # waiting for metrics (a Tune trial restored after its run had finished) gets them
         report(history[-1], None)
-    result = {"history": history, "best_epoch": best["epoch"], "stopped_early": stopped_early,
+    result = {"history": history, "best_epoch": stopper.best_epoch, "stopped_early": stopper.stop,
               "epochs_run": len(history)}
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    if stopper.best_state is not None:
+        run.model.load_state_dict(stopper.best_state)
     if d.is_main and write_outputs:
-        result.update(write_run_outputs(model, cfg, meta, data=data, out=out, history=history, best=best,
-                                        device=d.device))
+        result.update(write_run_outputs(run.model, cfg, meta, data=data, out=out, history=history,
+                                        best=stopper.state_dict()["best"], device=d.device))
         if writer:
             writer.close(result)
     return result
 
 
+def _announce(cfg: Config, train_p: Panel, valid_p: Panel, d: Dist) -> None:
+    frac = cfg.data.day_fraction
+    print(f"[fvae] train {train_p.num_days} days x {len(train_p.instruments)} stocks, "
+          f"valid {valid_p.num_days} days; {len(day_batches(cfg, train_p, 0))} steps/epoch of {cfg.data.batch_days} days"
+          f"{' (non-overlapping)' if cfg.data.non_overlap else ''}"
+          f"{f'; day_fraction={frac}: {frac:.0%} of training days per epoch' if frac < 1 else ''}; "
+          f"world_size={d.world_size}, device={d.device}", flush=True)
+
+
+def _print_epoch(row: dict[str, Any], *, epochs: int) -> None:
+    skipped = row["skipped_steps"]
+    print(f"[fvae] epoch {row['epoch'] + 1}/{epochs} loss {row['loss']:.4f} (nll {row['nll']:.4f} "
+          f"kl {row['kl']:.4f}) valid IC {row['valid_ic']:.4f} RankIC {row['valid_rank_ic']:.4f} "
+          f"RankICIR {row['valid_rank_icir']:.3f} [{row['seconds']:.1f}s"
+          f"{f', {skipped} skipped' if skipped else ''}]", flush=True)
+
+
 def write_run_outputs(model: FactorVAE, cfg: Config, meta: Meta, *, data: Path, out: Path,
                       history: list[dict], best: dict, device: torch.device) -> dict[str, Any]:
     """best.pt, predictions, metrics.json and curves.png for a finished run."""
-    torch.save({"model": model.state_dict(), "config": fconfig.to_dict(cfg), "fingerprint": meta.fingerprint,
-                "num_features": meta.channels, "best": best}, out / ".best.pt.tmp")
-    (out / ".best.pt.tmp").replace(out / "best.pt")
+    atomic_torch_save(out / "best.pt", {"model": model.state_dict(), "config": fconfig.to_dict(cfg),
+                                        "fingerprint": meta.fingerprint, "num_features": meta.channels, "best": best})
     metrics: dict[str, Any] = {}
     for seg in ("valid", "test"):
         if seg not in meta.segments:
@@ -535,28 +689,20 @@ def write_predictions(out: Path, seg: str, panel: Panel, pred: dict[str, torch.T
     beta = pred["beta"].cpu().numpy()[dd, nn]
     for k in range(K):
         df[f"beta_{k}"] = beta[:, k]
-    tmp = out / f".pred_{seg}.parquet.tmp"
-    df.to_parquet(tmp, index=False)
-    tmp.replace(out / f"pred_{seg}.parquet")
-    qlib_pred = df.set_index(["datetime", "instrument"])[["score"]]
-    qlib_pred.to_pickle(out / f".pred_{seg}.pkl.tmp")
-    (out / f".pred_{seg}.pkl.tmp").replace(out / f"pred_{seg}.pkl")
+    atomic_to_parquet(out / f"pred_{seg}.parquet", df)
+    atomic_to_pickle(out / f"pred_{seg}.pkl", df.set_index(["datetime", "instrument"])[["score"]])
     fz = pd.DataFrame({"datetime": panel.dates})
     mu_z, sigma_z = pred["mu_z"].cpu().numpy(), pred["sigma_z"].cpu().numpy()
     for k in range(K):
         fz[f"mu_z_{k}"] = mu_z[:, k]
         fz[f"sigma_z_{k}"] = sigma_z[:, k]
-    fz.to_parquet(out / f".factors_{seg}.parquet.tmp", index=False)
-    (out / f".factors_{seg}.parquet.tmp").replace(out / f"factors_{seg}.parquet")
+    atomic_to_parquet(out / f"factors_{seg}.parquet", fz)
 
 
 def _plot_curves(history: list[dict], path: Path) -> None:
     if not history:
         return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     ep = [h["epoch"] + 1 for h in history]
     fig, ax = plt.subplots(1, 3, figsize=(13, 3.4))

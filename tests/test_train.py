@@ -216,3 +216,107 @@ def test_resumed_finished_run_reports_its_last_epoch(tiny_market, tmp_path):
     fit(cfg, data=tiny_market, out=tmp_path / "r", d=Dist(), resume=state,
         report=lambda metrics, ckpt: reports.append(metrics), write_outputs=False)
     assert len(reports) == 1 and reports[0]["valid_rank_icir"] == state["history"][-1]["valid_rank_icir"]
+
+
+# ----------------------------------------------------------------------- one step, one epoch
+
+
+def _step_on(tiny_market, *extra: str):
+    from fvae.train import Dist, build_run, make_step
+
+    cfg = _cfg(*extra)
+    panel = load_panel(tiny_market, "train")
+    d = Dist()
+    run = build_run(cfg, panel=panel, d=d, num_features=panel.channels)
+    return cfg, panel, d, run, make_step(cfg, run, panel, d)
+
+
+def test_inf_gradient_with_a_finite_loss_is_skipped_and_counted(tiny_market):
+    """A backward overflow: the loss is finite but a gradient is inf. The clip would spread NaN into
+    the weights; the step instead leaves weights and AdamW state alone and reports the skip."""
+    from fvae.train import day_batches, train_epoch
+
+    cfg, panel, d, run, step = _step_on(tiny_market)
+    p0 = next(run.model.parameters())
+    handle = p0.register_hook(lambda g: torch.full_like(g, math.inf))
+    before = [p.detach().clone() for p in run.model.parameters()]
+    days = day_batches(cfg, panel, 0)[0]
+    finite, sums = step.step(days, np.ones(len(days), dtype=np.float32), global_days=len(days))
+    assert not finite and math.isfinite(sums[0].item()) and sums[0].item() > 0  # the loss itself was finite
+    out = train_epoch(step, day_batches(cfg, panel, 0)[:3], d=d, sched=run.sched)
+    assert out["skipped_steps"] == out["steps"] == 3
+    after = list(run.model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, after)) and not run.optim.state
+    handle.remove()
+    assert step.step(days, np.ones(len(days), dtype=np.float32), global_days=len(days))[0]
+    assert not torch.equal(before[0], p0) and all(torch.isfinite(p).all() for p in run.model.parameters())
+
+
+def test_fit_skips_steps_whose_gradient_is_not_finite(tiny_market, tmp_path, monkeypatch):
+    """Through fit: every other step's loss gradient is made inf (its loss stays finite); those steps
+    are counted as skipped, the others train, and the saved weights are finite."""
+    original = FactorVAE.forward
+    calls = {"n": 0}
+
+    def forward(self, x, y, mask):
+        parts = original(self, x, y, mask)
+        calls["n"] += 1
+        if calls["n"] % 2 == 0 and parts.loss.requires_grad:
+            parts.loss.register_hook(lambda g: g * math.inf)
+        return parts
+
+    monkeypatch.setattr(FactorVAE, "forward", forward)
+    res = run_standalone(_cfg("train.epochs=1", "train.max_skipped_fraction=0.6"), data=tiny_market,
+                         out=tmp_path / "s")
+    row = res["history"][0]
+    assert row["skipped_steps"] == row["steps"] // 2 and math.isfinite(row["loss"])
+    best = torch.load(tmp_path / "s" / "best.pt")["model"]
+    assert all(torch.isfinite(v).all() for v in best.values())
+
+
+def test_a_stand_in_day_cannot_poison_the_step(tiny_market, monkeypatch):
+    """A rank whose share of a global batch is empty runs a stand-in day of weight 0. Even when that
+    day's loss is NaN, the step is finite, adds nothing to the sums and gives every parameter a zero
+    gradient (so a DDP all-reduce would see zeros, not NaN)."""
+    _, panel, _, run, step = _step_on(tiny_market, "train.weight_decay=0.0")
+    original = FactorVAE.forward
+
+    def nan_forward(self, x, y, mask):
+        parts = original(self, x, y, mask)
+        parts.loss = parts.loss * math.nan
+        return parts
+
+    monkeypatch.setattr(FactorVAE, "forward", nan_forward)
+    before = [p.detach().clone() for p in run.model.parameters()]
+    finite, sums = step.step(np.array([30]), np.zeros(1, dtype=np.float32), global_days=2)
+    assert finite and torch.equal(sums, torch.zeros_like(sums))
+    assert all(p.grad is not None and torch.equal(p.grad, torch.zeros_like(p)) for p in run.model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, run.model.parameters()))  # Adam on zero gradients
+    # a real day with that NaN loss is skipped instead
+    assert not step.step(np.array([30]), np.ones(1, dtype=np.float32), global_days=1)[0]
+
+
+def test_baselines_train_through_the_same_epoch_loop(tiny_market, monkeypatch):
+    """The MLP baseline's epochs are fvae.train.train_epochs calling fvae.train.EagerStep.step, with
+    its own loss: the same loop and early-stopping rule as FactorVAE's."""
+    from fvae import baselines as bl
+    from fvae import train as ftrain
+
+    calls = {"epochs": 0, "steps": 0}
+    real_epochs, real_step = ftrain.train_epochs, ftrain.EagerStep.step
+
+    def counting_epochs(*a, **k):
+        calls["epochs"] += 1
+        return real_epochs(*a, **k)
+
+    def counting_step(self, *a, **k):
+        calls["steps"] += 1
+        assert self.objective is bl.MSE
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(ftrain, "train_epochs", counting_epochs)
+    monkeypatch.setattr(ftrain.EagerStep, "step", counting_step)
+    split = bl.load_split(tiny_market)
+    res = bl.fit_network("mlp", split, cfg=bl.DEBUG, seed=0, progress=False)
+    assert calls["epochs"] == 1 and calls["steps"] > 0
+    assert res["epochs_run"] >= 1 and 0 <= res["best_epoch"] < res["epochs_run"]

@@ -4,10 +4,10 @@ On one synthetic market the size of the S&P 500 (default 500 stocks x 2500 days,
 written by ``fvae.data.synthetic.write_synthetic``; 60 % of the days are the
 training segment) this times, in the same run:
 
-  (1) FactorVAE, a training loop built from ``fvae.train``'s own parts (``load_panel``,
-      ``epoch_batches``, ``FactorVAE``, AdamW, the cosine schedule, gradient clipping and
-      the non-finite check, exactly as ``fit`` runs them) over every training day, with
-      no validation: the cost of training alone;
+  (1) FactorVAE through ``fit``'s own step and epoch (``fvae.train.build_run``, ``make_step``,
+      ``train_epoch``: forward, loss, backward, clipping, the non-finite check, AdamW and the
+      schedule, the very code ``fit`` runs) over every training day, with no validation: the
+      cost of training alone;
   (2) qlib's ``qlib.contrib.model.pytorch_gru.GRU`` with FactorVAE's hidden size and one
       layer (FactorVAE has one GRU layer; qlib's GRU benchmark config uses two),
       through its own ``train_epoch`` on the same training stock-days (every valid
@@ -69,7 +69,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fvae.bench import add_market_args
+from fvae.bench import add_market_args, prepare_market
 
 QLIB_BATCH = 800  # rows per step: qlib's GRU benchmark configs (the class's own default is 2000)
 CPU_TARGET = 1.5  # FactorVAE epoch / qlib GRU epoch on the CPU
@@ -272,13 +272,13 @@ def _fvae_config(job: Job, *, epochs: int) -> Any:  # noqa: ANN401 (fvae.train.C
 
 
 class FactorVAEWorker:
-    """FactorVAE's training steps as ``fit`` runs them, minus validation, checkpoints and DDP.
+    """FactorVAE's training steps exactly as ``fit`` runs them, minus validation and checkpoints.
 
-    Same work per step as ``fvae.train.fit``: gather the day batch from the (device-resident)
-    panel, forward under fit's autocast rule, the per-day weighted loss, the non-finite check
-    (a host sync, as in fit), zero_grad, backward, global-norm clip, AdamW step, schedule step,
-    and the loss sums fit keeps for its log. An epoch is ``epoch_batches`` over every training
-    day; a slice is a contiguous share of that epoch's batches.
+    The model, optimizer and schedule come from ``fvae.train.build_run``, the step from
+    ``fvae.train.make_step`` (the eager step, or the CUDA graph with ``--cuda-graph``) and each
+    slice of an epoch runs through ``fvae.train.train_epoch``: the code that ships, not a copy.
+    An epoch is ``fvae.train.day_batches`` over the training days; a slice is a contiguous share
+    of that epoch's batches.
     """
 
     def __init__(self, job: Job) -> None:
@@ -287,13 +287,14 @@ class FactorVAEWorker:
 
         from fvae.data.loader import load_panel
         from fvae.data.shards import read_meta
-        from fvae.train import GraphStep, _lr_lambda, _seed_all, build_model, graph_slots, make_optimizer
+        from fvae.train import Dist, build_run, make_step, seed_all
 
         self.job = job
         self.threads = _set_threads(job)
         self.device = device = torch.device(job.device)
+        self.d = Dist(device=device)
         self.cfg = cfg = _fvae_config(job, epochs=job.warmup + job.epochs)
-        _seed_all(cfg.train.seed)
+        seed_all(cfg.train.seed)
         meta = read_meta(job.data)
         t0 = time.perf_counter()
         self.panel = load_panel(job.data, "train", meta=meta).to(device)
@@ -301,17 +302,11 @@ class FactorVAEWorker:
         _say(f"[fvae] train panel {self.panel.num_days} days x {len(self.panel.instruments)} stocks "
              f"(T={self.panel.lookback}, C={self.panel.channels}) on {device} in {time.perf_counter() - t0:.1f} s")
         self.per_day = self.panel.valid.sum(1).cpu().numpy().astype(np.int64)  # stock-days of each day
-        self.model = build_model(cfg, meta.channels).to(device)
-        self.step_fn = torch.compile(self.model) if cfg.train.compile else self.model
-        self.optim = make_optimizer(self.model, cfg.train, device)
-        self.graph = (GraphStep(self.model, self.optim, self.panel, bf16=cfg.train.bf16, grad_clip=cfg.train.grad_clip,
-                                size=graph_slots(self.panel.num_days, cfg.data, self.panel.lookback))
-                      if cfg.train.cuda_graph else None)
-        probe = self.batches(0)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.optim, _lr_lambda(cfg.train, len(probe) * cfg.train.epochs))
-        self.autocast = cfg.train.bf16 and device.type == "cuda"
+        self.run = build_run(cfg, panel=self.panel, d=self.d, num_features=meta.channels)
+        self.step = make_step(cfg, self.run, self.panel, self.d)
         self.progress = _Progress("fvae")
         self.mem_before = _mem_start(device)
+        probe = self.batches(0)
         if job.warmup == 0:
             r = self.steps(probe[:WARMUP_STEPS_IF_NO_EPOCH], "warm-up steps")
             _say(f"[fvae] {r['steps']} warm-up steps (untimed): {r['wall']:.1f} s")
@@ -319,55 +314,27 @@ class FactorVAEWorker:
             r = self.steps(self.batches(e), f"epoch {e + 1} (warm-up)")
             _say(f"[fvae] warm-up epoch {e + 1}: {r['steps']} steps, {r['wall']:.1f} s")
         self.info = {"stock_days": int(self.per_day.sum()), "steps": len(probe), "threads": self.threads,
-                     "params": sum(p.numel() for p in self.model.parameters()), "mem_before": self.mem_before}
+                     "params": sum(p.numel() for p in self.run.model.parameters()), "mem_before": self.mem_before}
 
     def batches(self, epoch: int) -> list:
-        from fvae.data.loader import epoch_batches
+        from fvae.train import day_batches
 
-        d = self.cfg.data
-        return epoch_batches(self.panel.num_days, batch_days=d.batch_days, lookback=self.panel.lookback,
-                             non_overlap=d.non_overlap, seed=self.cfg.train.seed, epoch=epoch)
+        return day_batches(self.cfg, self.panel, epoch)
 
     def steps(self, batches: list, what: str) -> dict[str, float]:
-        import numpy as np
-        import torch
+        from fvae.train import train_epoch
 
-        model, optim, sched, device = self.model, self.optim, self.sched, self.device
-        clip = self.cfg.train.grad_clip
-        model.train()
-        sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, days
-        _sync(device)
+        t = self.cfg.train
+        _sync(self.device)
         start, cpu = time.perf_counter(), _cpu_seconds()
-        for i, days in enumerate(batches, 1):
-            if self.graph is not None:  # fit's graph step: one replay, then the finiteness check
-                finite, part = self.graph.step(days, np.ones(len(days), dtype=np.float32), global_days=len(days))
-                sched.step()
-                if finite:
-                    sums += part[[0, 3]].double()
-                self.progress.tick(what=what, step=i, steps=len(batches), started=start)
-                continue
-            b = self.panel.batch(days)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                parts = self.step_fn(b.x, b.y, b.mask)
-            loss = (parts.loss.float() * b.weight).sum() / len(days)
-            if not bool(torch.isfinite(loss)):
-                optim.zero_grad(set_to_none=True)
-                sched.step()
-                continue
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            if clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            optim.step()
-            sched.step()
-            with torch.no_grad():
-                sums += torch.stack([(parts.loss.float() * b.weight).sum(), b.weight.sum()]).double()
-            self.progress.tick(what=what, step=i, steps=len(batches), started=start)
-        _sync(device)
+        out = train_epoch(self.step, batches, d=self.d, sched=self.run.sched, nonfinite=t.nonfinite,
+                          max_skipped_fraction=t.max_skipped_fraction,
+                          on_step=lambda i, n: self.progress.tick(what=what, step=i, steps=n, started=start))
+        _sync(self.device)
         wall, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
         days = [d for b in batches for d in b]
         return {"wall": wall, "cpu": cpu, "steps": len(batches), "stock_days": int(self.per_day[days].sum()),
-                "loss_sum": sums[0].item(), "days": sums[1].item()}
+                "loss": out["loss"], "skipped_steps": out["skipped_steps"]}
 
     def run_slice(self, *, epoch: int, part: int, parts: int) -> dict[str, float]:
         batches = self.batches(self.job.warmup + epoch)
@@ -598,24 +565,6 @@ def time_interleaved(job: Job, *, slices: int, qlib: bool = True) -> dict[str, d
 # --------------------------------------------------------------------------- driver
 
 
-def _prepare_data(args: argparse.Namespace, lookback: int, workdir: Path) -> Path:
-    """The shard folder to time on: --data as is when complete, else a fresh synthetic market."""
-    from fvae.data.synthetic import SyntheticConfig, write_synthetic
-
-    folder = args.data if args.data is not None else workdir / "data"
-    if (folder / "meta.json").is_file():
-        _say(f"[data] using {folder} as is (--stocks/--days/--lookback/--layout do not apply)")
-        return folder
-    cfg = SyntheticConfig(stocks=args.stocks, days=args.days, lookback=lookback, channels=6,
-                          smooth=min(10, lookback), seed=args.seed)
-    _say(f"[data] synthetic market {args.stocks} stocks x {args.days} days, T={lookback}, C=6 -> {folder}")
-    t0 = time.perf_counter()
-    meta = write_synthetic(folder, cfg)
-    _say(f"[data] written in {time.perf_counter() - t0:.1f} s; rows {meta.rows}; "
-         f"ceiling Rank IC {meta.extra['ceiling_rank_ic']}")
-    return folder
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
@@ -660,7 +609,8 @@ def main(argv: list[str] | None = None) -> int:
 
     workdir = Path(tempfile.mkdtemp(prefix="fvae-bench-train-"))
     try:
-        data = _prepare_data(args, lookback, workdir)
+        data = prepare_market(args, workdir, ignored="--stocks/--days/--lookback/--layout", lookback=lookback,
+                              channels=6, smooth=min(10, lookback))
         meta = read_meta(data)
         job = Job(data=str(data.resolve()), device=device, hidden=args.hidden, factors=args.factors,
                   portfolios=args.portfolios, batch_days=batch_days, epochs=args.epochs, warmup=args.warmup,

@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fvae.bench import add_market_args
+from fvae.bench import add_market_args, prepare_market
 
 DEFAULT_SPACE = Path(__file__).resolve().parents[2] / "search_spaces" / "smoke.yaml"
 
@@ -209,21 +209,6 @@ def _epoch_seconds(run_dir: Path) -> float:
     return float(sum(h.get("seconds", 0.0) for h in load_state(state)["history"]))
 
 
-def _prepare_data(args: argparse.Namespace, workdir: Path) -> Path:
-    from fvae.data.synthetic import SyntheticConfig, write_synthetic
-
-    folder = args.data if args.data is not None else workdir / "data"
-    if (folder / "meta.json").is_file():
-        _say(f"[data] using {folder} as is (--stocks/--days do not apply)")
-        return folder
-    _say(f"[data] synthetic market {args.stocks} stocks x {args.days} days -> {folder}")
-    t0 = time.perf_counter()
-    meta = write_synthetic(folder, SyntheticConfig(stocks=args.stocks, days=args.days, seed=args.seed))
-    _say(f"[data] written in {time.perf_counter() - t0:.1f} s; rows {meta.rows}; "
-         f"ceiling Rank IC {meta.extra['ceiling_rank_ic']}")
-    return folder
-
-
 def _fractions(smallest: float) -> list[float]:
     """1, 0.5, 0.25, ... down to ``smallest`` (which is included even if not a power of 2)."""
     out, f = [], 1.0
@@ -267,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         space = load_space(args.space)
         max_epochs = resolve_trial_config(space, {}, base=None).train.epochs
-        data = _prepare_data(args, workdir)
+        data = prepare_market(args, workdir)
         run = time.strftime("%Y%m%d-%H%M%S")  # fresh experiment folders: run_search refuses existing ones
         setup = Setup(data=data, space=args.space, num_samples=args.num_samples, seed=args.seed,
                       workers=args.workers_per_trial, cpus_per_worker=args.cpus_per_worker, num_cpus=num_cpus,

@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -36,6 +35,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from fvae.io import atomic_write_bytes, atomic_write_json
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
@@ -139,47 +140,6 @@ def check_frame(df: pd.DataFrame, feature_names: list[str], *, where: str) -> No
                 raise DataError(f"{where}: feature '{c}' is NaN on every row")
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-
-
-def strict_json(obj: Any) -> Any:
-    """NaN/inf -> None and keys -> str, so what is written is strict JSON (an undefined ICIR
-    or Sharpe becomes null rather than the non-standard NaN that other readers reject)."""
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if np.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): strict_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [strict_json(v) for v in obj]
-    return obj
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    """Write strict JSON atomically: a temporary file, then a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(strict_json(obj), indent=2, sort_keys=False, default=_json_default, allow_nan=False)
-    _atomic_write_bytes(path, (text + "\n").encode())
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, pd.Timestamp):
-        return o.strftime("%Y-%m-%d")
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
 def write_shards(folder: str | Path, df: pd.DataFrame, meta: Meta) -> Meta:
     """Write ``df`` (one row per stock-day) as yearly shards plus meta.json.
 
@@ -218,7 +178,7 @@ def write_shards(folder: str | Path, df: pd.DataFrame, meta: Meta) -> Meta:
         pq.write_table(table, sink, compression="zstd", use_dictionary=["instrument"], row_group_size=1 << 17)
         data = sink.getvalue().to_pybytes()
         name = f"{int(year)}.parquet"
-        _atomic_write_bytes(shard_dir / name, data)
+        atomic_write_bytes(shard_dir / name, data)
         digest.update(hashlib.sha256(data).digest())
         shards.append({"file": f"{SHARD_DIR}/{name}",
                        "start": part["datetime"].iloc[0].strftime("%Y-%m-%d"),
