@@ -18,7 +18,8 @@ directory and adds the search). Sections, with stable ids:
     drawdown   drawdowns of the same
     factors    factor returns, correlations, clustering, sectors (fvae.factors; run into
                RUN_DIR/factors when absent)
-    search     best trials, Optuna parameter importance, validation Rank ICIR vs each parameter
+    search     best trials, Optuna parameter importance, the search's metric vs each parameter
+               (summary.json's ``metric`` and ``mode``; valid_rank_icir and max for older files)
 
 Plots are embedded as base64 PNG and the page loads nothing from outside. A missing piece
 becomes a short "not available because ..." note instead of an error. A small inline script
@@ -43,6 +44,7 @@ import numpy as np
 import pandas as pd
 
 from fvae.data.shards import DataError
+from fvae.io import atomic_write_text, pyplot
 
 SECTIONS = ("metrics", "equity", "drawdown", "factors", "search")
 METRIC_COLS = (("ic", "IC"), ("icir", "ICIR"), ("rank_ic", "Rank IC"), ("rank_icir", "Rank ICIR"))
@@ -96,13 +98,7 @@ def _fig_png(fig: Any) -> bytes:
     return buf.getvalue()
 
 
-def _plt() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+_plt = pyplot
 
 
 CSS = """
@@ -400,11 +396,17 @@ def section_factors(inp: Inputs, *, progress: bool) -> str:
     return out
 
 
+def search_metric(summary: dict[str, Any]) -> tuple[str, str]:
+    """(metric, mode) the search ranked its trials by; summaries from before ``mode`` existed used
+    the highest valid_rank_icir."""
+    return summary.get("metric") or "valid_rank_icir", summary.get("mode") or "max"
+
+
 def _trials_frame(summary: dict[str, Any]) -> tuple[pd.DataFrame, list[str]]:
-    """Finished trials (finite validation Rank ICIR) as a frame: params as columns + ``value``."""
+    """Finished trials (a finite value of the search's metric) as a frame: params as columns + ``value``."""
     rows, keys = [], []
     for t in summary.get("trials", []):
-        v = t.get("valid_rank_icir")
+        v = t["value"] if "value" in t else t.get("valid_rank_icir")  # older summaries: no "value"
         if v is None or not isinstance(v, (int, float)) or not math.isfinite(v) or t.get("status") == "ERROR":
             continue
         params = t.get("params") or {}
@@ -422,9 +424,10 @@ def param_importance(summary: dict[str, Any]) -> tuple[dict[str, float], str]:
     over [min, max]; float → FloatDistribution over [min, max], log-scaled when positive and
     spanning ≥ 2 decades. Only parameters that every finished trial has and that vary are used.
     Fallback when optuna's evaluator cannot run (e.g. scikit-learn missing): the absolute Spearman
-    correlation of each parameter (categories as their mean-value rank) with the validation
-    Rank ICIR, normalised to sum to 1. Returns (importances, method).
+    correlation of each parameter (categories as their mean-value rank) with the search's metric,
+    normalised to sum to 1. Returns (importances, method).
     """
+    metric, mode = search_metric(summary)
     df, keys = _trials_frame(summary)
     if len(df) < 2:
         raise ValueError(f"{len(df)} finished trial(s); importance needs at least 2")
@@ -446,7 +449,7 @@ def param_importance(summary: dict[str, Any]) -> tuple[dict[str, float], str]:
             else:
                 lo, hi = float(min(vals)), float(max(vals))
                 dists[k] = FloatDistribution(lo, hi, log=bool(lo > 0 and hi / lo >= 100))
-        study = optuna.create_study(direction="maximize")
+        study = optuna.create_study(direction="maximize" if mode == "max" else "minimize")
         for _, r in df.iterrows():
             params = {k: (float(r[k]) if isinstance(dists[k], FloatDistribution) else
                           int(r[k]) if isinstance(dists[k], IntDistribution) else r[k]) for k in usable}
@@ -465,34 +468,37 @@ def param_importance(summary: dict[str, Any]) -> tuple[dict[str, float], str]:
             scores[k] = abs(float(rho)) if math.isfinite(rho) else 0.0
         tot = sum(scores.values()) or 1.0
         return ({k: v / tot for k, v in sorted(scores.items(), key=lambda kv: -kv[1])},
-                f"|Spearman ρ| with the validation Rank ICIR, normalised (optuna unavailable: {e})")
+                f"|Spearman ρ| with {metric}, normalised (optuna unavailable: {e})")
 
 
 def section_search(inp: Inputs) -> str:
     if inp.summary is None:
         return _na("this is a single training run, not a search directory (summary.json)")
     s = inp.summary
+    metric, mode = search_metric(s)
     trials = s.get("trials", [])
     df, keys = _trials_frame(s)
     errors = [t for t in trials if t.get("status") == "ERROR"]
     best = s.get("best") or {}
     patience = f', {s["patience_stopped"]} stopped by patience' if "patience_stopped" in s else ""
+    m = _esc(metric)
     out = (f'<p class="meta">Search space {_esc(s.get("space", "?"))}: {len(trials)} trials, {len(df)} with a '
-           f'validation Rank ICIR, {len(errors)} failed, {s.get("asha_stopped", "–")} cut by ASHA{patience}; '
-           f'selection by {_esc(s.get("metric", "valid_rank_icir"))}.</p>')
+           f'value of {m}, {len(errors)} failed, {s.get("asha_stopped", "–")} cut by ASHA{patience}; '
+           f'selection by {m} ({"highest" if mode == "max" else "lowest"} is best).</p>')
     if best:
         t = best.get("test") or {}
-        out += (f'<p>Best trial <b>{_esc(best.get("trial_id"))}</b>: validation Rank ICIR '
-                f'{_fmt(best.get("valid_rank_icir"), 3)}; test Rank IC {_fmt(t.get("rank_ic"))}, Rank ICIR '
-                f'{_fmt(t.get("rank_icir"), 3)}.</p>')
+        value = best["value"] if "value" in best else best.get("valid_rank_icir")
+        icir = f'; validation Rank ICIR {_fmt(best.get("valid_rank_icir"), 3)}' if metric != "valid_rank_icir" else ""
+        out += (f'<p>Best trial <b>{_esc(best.get("trial_id"))}</b>: {m} {_fmt(value, 4)}{icir}; '
+                f'test Rank IC {_fmt(t.get("rank_ic"))}, Rank ICIR {_fmt(t.get("rank_icir"), 3)}.</p>')
     if len(df):
-        top = df.sort_values(["value", "trial_id"], ascending=[False, True]).head(10)
-        rows = [[_esc(r["trial_id"]), _fmt(r["value"], 3), _fmt(r["epochs"]),
+        top = df.sort_values(["value", "trial_id"], ascending=[mode == "min", True]).head(10)
+        rows = [[_esc(r["trial_id"]), _fmt(r["value"], 4), _fmt(r["epochs"]),
                  *[_fmt(r[k], 5) if isinstance(r.get(k), float) else _esc(r.get(k, "–")) for k in keys]]
                 for _, r in top.iterrows()]
-        out += "<h3>Best trials</h3>" + _table(["trial", "valid Rank ICIR", "epochs", *map(_esc, keys)], rows)
+        out += "<h3>Best trials</h3>" + _table(["trial", m, "epochs", *map(_esc, keys)], rows)
     else:
-        out += _na("no trial finished with a validation Rank ICIR")
+        out += _na(f"no trial finished with a value of {metric}")
     if errors:
         out += "<h3>Failed trials</h3>" + _table(["trial", "error"], [[_esc(t.get("trial_id")),
                                                                        _esc(t.get("error") or "")] for t in errors])
@@ -503,7 +509,7 @@ def section_search(inp: Inputs) -> str:
         names = list(imp)[::-1]
         ax.barh(names, [imp[n] for n in names], color="C0")
         ax.set_xlabel("importance")
-        ax.set_title("Parameter importance for validation Rank ICIR")
+        ax.set_title(f"Parameter importance for {metric}")
         ax.grid(axis="x", alpha=0.3)
         fig.tight_layout()
         out += "<h3>Parameter importance</h3>" + f'<p class="meta">{_esc(method)}</p>' + _img(
@@ -536,16 +542,16 @@ def section_search(inp: Inputs) -> str:
                         if x.map(lambda v: isinstance(v, (str, bool))).any() else b[k].astype(float)
                     ax.scatter(bx, b["value"], marker="*", s=160, color="C3", zorder=3)
             ax.set_title(k, fontsize=9)
-            ax.set_ylabel("valid Rank ICIR", fontsize=8)
+            ax.set_ylabel(metric, fontsize=8)
             ax.grid(alpha=0.3)
         for ax in list(axes.flat)[len(usable):]:
             ax.axis("off")
         fig.tight_layout()
-        out += "<h3>Validation Rank ICIR vs each parameter</h3>" + _img(
-            _fig_png(fig), "Validation Rank ICIR per trial vs parameter (★ best trial)")
+        out += f"<h3>{m} vs each parameter</h3>" + _img(
+            _fig_png(fig), f"{metric} per trial (its best epoch) vs parameter (★ best trial)")
     trials_png = inp.source / "trials.png"
     if trials_png.is_file():
-        out += _img(trials_png, "Validation Rank ICIR of every trial per epoch")
+        out += _img(trials_png, f"{metric} of every trial per epoch")
     return out
 
 
@@ -590,10 +596,7 @@ def build_report(path: str | Path, *, out: str | Path, data: str | Path | None =
             f'{time.strftime("%Y-%m-%d %H:%M")}</p><p id="img-warning"></p><nav>{nav}</nav>{sections}'
             f"<script>{SCRIPT}</script></body></html>")
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(out)
+    atomic_write_text(out, page)
     if progress:
         print(f"[report] wrote {out} ({len(page) / 1e6:.1f} MB) in {time.time() - t0:.1f}s", flush=True)
     return out

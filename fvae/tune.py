@@ -6,16 +6,18 @@
 Runs the same locally and as ``ray job submit -- python -m fvae.tune ...``. Without
 ``--data`` it searches the embedded default: a synthetic market generated into
 EXP_DIR/data. Each trial is a Tune function (``_trial``) that builds a Ray Train
-TorchTrainer (Ray Train V2); metrics flow back through TuneReportCallback, ASHA
-stops weak trials on the per-epoch validation Rank ICIR, and the best trial is
-the one with the highest validation Rank ICIR (ties: the lower trial id).
+TorchTrainer (Ray Train V2); metrics flow back through TuneReportCallback. The space
+file's ``metric:`` and ``mode:`` drive everything: TPE and ASHA (which stops weak trials
+on the per-epoch value) optimise them, and the best trial is the one whose best epoch
+has the highest value for ``mode: max``, the lowest for ``mode: min`` (ties: the lower
+trial id; see :func:`choose_best`).
 
 EXP_DIR receives:
     trials/<trial_id>/        each trial's run directory (config.yaml, tb/, checkpoints/, ...)
     tune/                     Ray Tune's experiment state (what --resume restores)
-    summary.json              best trial (config, valid Rank ICIR, test metrics, checkpoint) and all trials
+    summary.json              metric, mode, best trial (config, value, test metrics, checkpoint) and all trials
     best_config.yaml          the best config, re-runnable with ``python -m fvae.train --config``
-    trials.png                validation Rank ICIR of every trial, per epoch
+    trials.png                the metric of every trial, per epoch
 
 Multi-node runs need EXP_DIR (and --data) on storage every node sees: rank 0 of each
 trial writes its run directory there, and Tune keeps its state there.
@@ -32,11 +34,11 @@ from pathlib import Path
 from typing import Any
 
 from fvae import config as fconfig
-from fvae.data.shards import DataError, atomic_write_json, read_meta
+from fvae.data.shards import DataError, read_meta
+from fvae.io import atomic_write_json, pyplot
 from fvae.space import SearchSpace, SpaceError, load_space
 from fvae.train import Config, NonFiniteLossError, init_ray, load_config, load_state
 
-METRIC = "valid_rank_icir"
 DRIVER_CPUS = 0.1  # a trial's driver only waits on its Train workers
 
 
@@ -124,7 +126,7 @@ def run_search(*, data: Path, space_path: Path, num_samples: int, exp_dir: Path,
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    space = load_space(space_path)
+    space = load_space(space_path, base=base_config)
     meta = read_meta(data)  # fail fast on bad data, before any trial starts
     base_cfg = resolve_trial_config(space, {}, base=base_config)
     exp_dir = exp_dir.resolve()
@@ -153,14 +155,15 @@ def run_search(*, data: Path, space_path: Path, num_samples: int, exp_dir: Path,
         if tune_dir.exists():
             raise FileExistsError(f"{exp_dir} already holds a search; pass --resume to continue it "
                                   "or choose another --out")
-        searcher = OptunaSearch(space=space.suggest, metric=METRIC, mode=space.mode,
+        searcher = OptunaSearch(space=space.suggest, metric=space.metric, mode=space.mode,
                                 sampler=optuna.samplers.TPESampler(seed=seed))
+        # ASHA takes metric and mode from the TuneConfig (Tune refuses them in both places)
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=base_cfg.train.epochs,
                                   grace_period=min(grace_period, base_cfg.train.epochs),
                                   reduction_factor=reduction_factor)
         tuner = tune.Tuner(
             trainable,
-            tune_config=tune.TuneConfig(metric=METRIC, mode=space.mode, search_alg=searcher,
+            tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, search_alg=searcher,
                                         scheduler=scheduler, num_samples=num_samples,
                                         max_concurrent_trials=concurrent, time_budget_s=time_budget_s),
             run_config=tune.RunConfig(name="tune", storage_path=str(exp_dir),
@@ -168,7 +171,7 @@ def run_search(*, data: Path, space_path: Path, num_samples: int, exp_dir: Path,
         )
         print(f"[fvae.tune] {num_samples} trials of space '{space.name}' on {data} "
               f"({meta.handler}, {meta.instruments} stocks); {concurrent} at a time, "
-              f"{workers} worker(s) per trial; ASHA on {METRIC}", flush=True)
+              f"{workers} worker(s) per trial; TPE and ASHA on {space.metric} ({space.mode})", flush=True)
     t0 = time.time()
     results = tuner.fit()
     summary = summarize_search(results, space=space, exp_dir=exp_dir, data=data, base_config=base_config,
@@ -176,9 +179,28 @@ def run_search(*, data: Path, space_path: Path, num_samples: int, exp_dir: Path,
     return summary
 
 
+def best_epoch(values: Any, mode: str) -> float:
+    """A trial's value: the best of its per-epoch ``values`` in the mode's direction (NaN if none is finite)."""
+    finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    return (max if mode == "max" else min)(finite) if finite else math.nan
+
+
+def choose_best(trials: list[dict[str, Any]], *, mode: str) -> dict[str, Any] | None:
+    """The trial with the highest ``value`` for mode max, the lowest for mode min, ties broken by
+    the lower ``trial_id``; failed trials and those without a finite value never win (None if none is left)."""
+    finished = [t for t in trials if t.get("status") != "ERROR" and isinstance(t.get("value"), (int, float))
+                and math.isfinite(t["value"])]
+    sign = -1.0 if mode == "max" else 1.0
+    return min(finished, key=lambda t: (sign * t["value"], t["trial_id"]), default=None)
+
+
 def summarize_search(results: Any, *, space: SearchSpace, exp_dir: Path, data: Path,
                      base_config: Path | None, seconds: float) -> dict[str, Any]:
-    """Collect every trial, pick the best by validation Rank ICIR, evaluate it on test."""
+    """Collect every trial, pick the best by the space's metric and mode, evaluate it on test.
+
+    Each trial records ``value`` (its best epoch's ``space.metric`` in the mode's direction) and
+    ``valid_rank_icir`` (its highest validation Rank ICIR, whatever the metric)."""
+    metric, mode = space.metric, space.mode
     trials = []
     for r in results:
         # Tune names a trial's folder "_trial_<id>_<n>_<params>_<date>" (truncated); an errored
@@ -187,10 +209,10 @@ def summarize_search(results: Any, *, space: SearchSpace, exp_dir: Path, data: P
         trial_id = match.group(1) if match else "?"
         params = {k: v for k, v in (r.config or {}).items() if "." in k}
         df = r.metrics_dataframe
-        best_val, epochs, bad_epochs = math.nan, 0, 0
-        if df is not None and len(df) and METRIC in df:
-            vals = df[METRIC].astype(float)
-            best_val = float(vals.max()) if vals.notna().any() else math.nan
+        value, best_icir, epochs, bad_epochs = math.nan, math.nan, 0, 0
+        if df is not None and len(df):
+            value = best_epoch(df[metric], mode) if metric in df else math.nan
+            best_icir = best_epoch(df["valid_rank_icir"], "max") if "valid_rank_icir" in df else math.nan
             epochs = int(df["training_iteration"].max()) if "training_iteration" in df else len(df)
             if "bad_epochs" in df and df["bad_epochs"].notna().any():
                 bad_epochs = int(df["bad_epochs"].dropna().iloc[-1])
@@ -199,32 +221,30 @@ def summarize_search(results: Any, *, space: SearchSpace, exp_dir: Path, data: P
         trial_cfg = resolve_trial_config(space, params, base=base_config).train
         ended = ("failed" if r.error else "completed" if epochs >= trial_cfg.epochs
                  else "patience" if trial_cfg.patience and bad_epochs >= trial_cfg.patience else "asha")
-        trials.append({"trial_id": tid, "params": params, "valid_rank_icir": best_val, "epochs": epochs,
-                       "ended": ended,
-                       "status": status, "error": (str(r.error).splitlines()[0][:500] if r.error else None),
+        trials.append({"trial_id": tid, "params": params, "value": value, "valid_rank_icir": best_icir,
+                       "epochs": epochs, "ended": ended, "status": status,
+                       "error": (str(r.error).splitlines()[0][:500] if r.error else None),
                        "run_dir": str(exp_dir / "trials" / tid)})
     trials.sort(key=lambda t: t["trial_id"])
-    finished = [t for t in trials if math.isfinite(t["valid_rank_icir"])]
-    summary: dict[str, Any] = {"space": space.name, "metric": METRIC, "seconds": seconds,
+    summary: dict[str, Any] = {"space": space.name, "metric": metric, "mode": mode, "seconds": seconds,
                                "data": str(data), "trials": trials, "best": None}
-    if finished:
-        # highest validation Rank ICIR; ties broken by the lower trial id
-        best = sorted(finished, key=lambda t: (-t["valid_rank_icir"], t["trial_id"]))[0]
+    best = choose_best(trials, mode=mode)
+    if best is not None:
         cfg = resolve_trial_config(space, best["params"], base=base_config)
         run_dir = Path(best["run_dir"])
         test = evaluate_best(cfg, data=data, run_dir=run_dir)
         fconfig.dump(cfg, exp_dir / "best_config.yaml")
         summary["best"] = {"trial_id": best["trial_id"], "params": best["params"], "config": fconfig.to_dict(cfg),
-                           "valid_rank_icir": best["valid_rank_icir"], "test": test,
+                           "value": best["value"], "valid_rank_icir": best["valid_rank_icir"], "test": test,
                            "checkpoint": str(run_dir / "checkpoints" / "last" / "state.pt")}
     # a trial that ended before its last epoch was either cut by ASHA or stopped itself (patience)
     summary["asha_stopped"] = sum(1 for t in trials if t["ended"] == "asha")
     summary["patience_stopped"] = sum(1 for t in trials if t["ended"] == "patience")
     atomic_write_json(exp_dir / "summary.json", summary)
-    _plot_trials(exp_dir, trials)
+    _plot_trials(exp_dir, trials, metric=metric, mode=mode)
     if summary["best"]:
         b = summary["best"]
-        print(f"[fvae.tune] best trial {b['trial_id']}: valid Rank ICIR {b['valid_rank_icir']:.3f}, "
+        print(f"[fvae.tune] best trial {b['trial_id']} ({mode} {metric}): {metric} {b['value']:.4g}, "
               f"test Rank IC {b['test']['rank_ic']:.4f} Rank ICIR {b['test']['rank_icir']:.3f} "
               f"-> {exp_dir / 'summary.json'}", flush=True)
     return summary
@@ -245,13 +265,10 @@ def evaluate_best(cfg: Config, *, data: Path, run_dir: Path) -> dict[str, float]
     return out["test"]
 
 
-def _plot_trials(exp_dir: Path, trials: list[dict[str, Any]]) -> None:
+def _plot_trials(exp_dir: Path, trials: list[dict[str, Any]], *, metric: str, mode: str) -> None:
     import json
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for t in trials:
@@ -262,11 +279,11 @@ def _plot_trials(exp_dir: Path, trials: list[dict[str, Any]]) -> None:
             if not state_file.is_file():
                 continue
             hist = load_state(state_file)["history"]
-        ax.plot([h["epoch"] + 1 for h in hist], [h["valid_rank_icir"] for h in hist], marker="o",
+        ax.plot([h["epoch"] + 1 for h in hist], [h.get(metric, math.nan) for h in hist], marker="o",
                 label=t["trial_id"], alpha=0.8)
     ax.set_xlabel("epoch")
-    ax.set_ylabel("validation Rank ICIR")
-    ax.set_title("trials (ASHA stops the weak ones early)")
+    ax.set_ylabel(metric)
+    ax.set_title(f"trials: {metric} per epoch, {mode} is best (ASHA stops the weak ones early)")
     ax.grid(alpha=0.3)
     if len(trials) <= 12:
         ax.legend(fontsize=7)

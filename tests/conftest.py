@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,34 @@ def kill_tree(marker: str) -> None:
             pass
 
 
+START_TRIES = 3  # a loaded machine can make the raylet miss Ray's fixed 30 s registration window
+
+
+def _start_head() -> tuple[subprocess.CompletedProcess, str, int, int]:
+    """``ray start --head`` on fresh ports and a fresh temp dir, retried: on a machine whose load is
+    several times its core count, a start can fail with "node timed out during startup" (Ray's
+    30 s wait for the raylet is hard-coded), and one failed start must not error every Ray test."""
+    errors = []
+    for attempt in range(1, START_TRIES + 1):
+        temp = tempfile.mkdtemp(prefix="fvray-", dir="/tmp")  # short: Ray's socket paths have a length limit
+        gcs, dash, client = _free_port(), _free_port(), _free_port()
+        cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--port={gcs}",
+               "--num-cpus=4", f"--object-store-memory={200 * 1024 * 1024}", "--include-dashboard=true",
+               "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
+               f"--temp-dir={temp}", "--disable-usage-stats"]
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+            if out.returncode == 0:
+                return out, temp, gcs, dash
+            errors.append(f"try {attempt}: exit {out.returncode}: {out.stderr.strip().splitlines()[-1:]}")
+        except subprocess.TimeoutExpired:
+            errors.append(f"try {attempt}: no answer in 240 s")
+        kill_tree(temp)
+        shutil.rmtree(temp, ignore_errors=True)
+        time.sleep(5 * attempt)
+    pytest.fail(f"ray start --head failed {START_TRIES} times: {'; '.join(map(str, errors))}")
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A real Ray cluster on this machine, started with ``ray start --head``: 4 logical CPUs,
@@ -68,16 +97,7 @@ def ray_cluster():
     placement-group cleaner cannot tell which to query and stopped trials leak resources.
     """
     pytest.importorskip("ray")
-    temp = tempfile.mkdtemp(prefix="fvray-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    gcs, dash, client = _free_port(), _free_port(), _free_port()
-    cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--port={gcs}",
-           "--num-cpus=4", f"--object-store-memory={200 * 1024 * 1024}", "--include-dashboard=true",
-           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
-           f"--temp-dir={temp}", "--disable-usage-stats"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
-    if out.returncode != 0:
-        kill_tree(temp)
-        pytest.fail(f"ray start failed: {out.stderr[-2000:]}")
+    out, temp, gcs, dash = _start_head()
     import ray
 
     address = None

@@ -110,6 +110,26 @@ def _summary(run: Path, tmp: Path) -> Path:
     return exp
 
 
+def test_search_section_ranks_by_the_summarys_metric_and_mode(tmp_path):
+    """A ``mode: min`` search on nll: the best-trials table lists the lowest value first and names the metric."""
+    rng = np.random.default_rng(1)
+    trials = [{"trial_id": f"t{i}", "status": "TERMINATED", "epochs": 2, "value": float(v),
+               "valid_rank_icir": float(rng.normal()), "params": {"train.lr": float(10 ** rng.uniform(-4, -2))}}
+              for i, v in enumerate([0.9, 0.2, 0.5, 0.2])]
+    summary = {"space": "tiny", "metric": "nll", "mode": "min", "trials": trials, "asha_stopped": 0,
+               "best": {"trial_id": "t1", "value": 0.2, "valid_rank_icir": trials[1]["valid_rank_icir"],
+                        "test": {"rank_ic": 0.01, "rank_icir": 0.1}, "params": trials[1]["params"]}}
+    assert rp.search_metric(summary) == ("nll", "min")
+    assert rp.search_metric({"trials": []}) == ("valid_rank_icir", "max")  # summaries from before mode
+    html = rp.section_search(rp.Inputs(source=tmp_path, run_dir=None, summary=summary, metrics=None, data=None,
+                                       notes={}))
+    table = html.split("<h3>Best trials</h3>")[1]
+    order = re.findall(r"<td>(t\d)</td>", table)
+    assert order[:4] == ["t1", "t3", "t2", "t0"]  # lowest nll first, the tie broken by the lower trial id
+    assert "<th>nll</th>" in table and "selection by nll (lowest is best)" in html
+    assert "Best trial <b>t1</b>: nll 0.2000" in html
+
+
 def test_search_report_has_importance_and_scatter(tiny_run, tmp_path):
     exp = _summary(tiny_run, tmp_path)
     imp, method = rp.param_importance(json.loads((exp / "summary.json").read_text()))

@@ -10,7 +10,8 @@ import optuna
 import pytest
 import yaml
 
-from fvae.space import KEYS, SPACES_DIR, SearchSpace, SpaceError, load_space, nested
+from fvae.space import METRICS, SPACES_DIR, SearchSpace, SpaceError, load_space, nested
+from fvae.train import Config
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -28,7 +29,8 @@ def test_shipped_space_loads(path: Path):
     assert space.name == path.stem and space.path == path
     assert space.metric == "valid_rank_icir" and space.mode == "max"
     assert space.params, "a search space should search something"
-    assert set(space.keys) <= set(KEYS)
+    defaults = Config()
+    assert all(hasattr(getattr(defaults, k.split(".")[0]), k.split(".")[1]) for k in space.keys)  # Config's fields
     assert load_space(path.stem) == space  # bare names resolve to SPACES_DIR
 
 
@@ -244,7 +246,7 @@ BROKEN = {
     ),
     "log_nonpositive_low": (
         _with_param("model.gamma", {"type": "float", "low": 0.0, "high": 1.0, "log": True}),
-        ["model.gamma", "low > 0"],
+        ["model.gamma", "low > 0"],  # Optuna's FloatDistribution says so
     ),
     "missing_choices": (
         _with_param("model.attn_heads", {"type": "categorical"}),
@@ -288,17 +290,19 @@ BROKEN = {
         {"metric": "m", "parms": GOOD["params"]},
         ["parms", "did you mean 'params'"],
     ),
-    "heads_do_not_divide": (
+    "heads_do_not_divide": (  # ModelConfig's own rule, at attn_heads 3 and hidden_size 32
         _with_param("model.attn_heads", {"type": "categorical", "choices": [1, 3]}),
-        ["model.attn_heads", "model.attn_heads=3 does not divide model.hidden_size=32"],
+        ["model.attn_heads (choice 3)", "attn_heads (3) must divide hidden_size (32)"],
     ),
-    "heads_without_hidden": (
-        {"metric": "m", "params": {"model.gat_heads": {"type": "categorical", "choices": [1, 2]}}},
-        ["model.gat_heads", "model.hidden_size must be searched or fixed"],
+    "heads_against_the_default_hidden": (  # a head count is checked against the base config's hidden_size
+        {"metric": "valid_rank_icir", "params": {"model.gat_layers": {"type": "int", "low": 0, "high": 1},
+                                                 "model.gat_heads": {"type": "categorical", "choices": [1, 3]}}},
+        ["model.gat_heads (choice 3)", "gat_heads (3) must divide hidden_size (64)"],
     ),
-    "hidden_without_heads": (
-        {"metric": "m", "params": {"model.hidden_size": {"type": "categorical", "choices": [8, 12]}}},
-        ["model.attn_heads", "must be searched or fixed because model.hidden_size is"],
+    "hidden_against_fixed_heads": (
+        {"metric": "valid_rank_icir", "params": {"model.hidden_size": {"type": "categorical", "choices": [8, 12]}},
+         "fixed": {"model.attn_heads": 8}},
+        ["model.hidden_size (choice 12)", "attn_heads (8) must divide hidden_size (12)"],
     ),
     "float_type_for_int_key": (
         _with_param("model.num_factors", {"type": "float", "low": 2.0, "high": 8.0}),
@@ -310,7 +314,7 @@ BROKEN = {
     ),
     "out_of_domain": (
         _with_param("model.dropout", {"type": "float", "low": 0.0, "high": 1.5}),
-        ["model.dropout", "'high' 1.5", "< 1"],
+        ["model.dropout", "'high' 1.5", "in [0, 1)"],
     ),
     "both_fixed_and_searched": (
         dict(GOOD, fixed={"train.lr": 1.0e-3}),
@@ -318,7 +322,7 @@ BROKEN = {
     ),
     "day_fraction_zero": (
         dict(GOOD, fixed={"data.day_fraction": 0.0}),
-        ["data.day_fraction", "> 0"],
+        ["data.day_fraction", "0 < value"],
     ),
     "bad_fixed_type": (
         dict(GOOD, fixed={"model.conditional_posterior": "yes please"}),
@@ -326,11 +330,11 @@ BROKEN = {
     ),
     "step_not_multiple": (
         _with_param("model.num_factors", {"type": "int", "low": 2, "high": 9, "step": 2}),
-        ["model.num_factors", "multiple of step"],
+        ["model.num_factors", "not divisible by `step`"],  # an Optuna warning, taken as an error
     ),
     "log_and_step": (
         _with_param("model.num_factors", {"type": "int", "low": 2, "high": 8, "step": 2, "log": True}),
-        ["model.num_factors", "cannot be combined"],
+        ["model.num_factors", "IntDistribution", "step is 1 when `log`"],
     ),
     "key_for_other_type": (
         _with_param("model.attn_heads", {"type": "categorical", "choices": [1, 2], "low": 1}),
@@ -368,3 +372,98 @@ def test_missing_file_raises_space_error(tmp_path: Path):
 
 def test_space_error_is_a_value_error():
     assert issubclass(SpaceError, ValueError)
+
+
+# ----------------------------------------------------------------------- rules live in Optuna and the Config
+
+
+def test_optuna_rejects_a_bad_range(tmp_path: Path):
+    path = _write(tmp_path, _with_param("model.num_factors", {"type": "int", "low": 9, "high": 8}))
+    with pytest.raises(SpaceError) as info:
+        load_space(path)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"{path}: model.num_factors: ")
+    with pytest.raises(ValueError) as optuna_says:  # the text is Optuna's own
+        optuna.distributions.IntDistribution(9, 8)
+    assert "IntDistribution(9, 8)" in message and str(optuna_says.value) in message
+
+
+def test_heads_that_do_not_divide_hidden_size_fail_by_the_model_configs_rule(tmp_path: Path):
+    from fvae.model import ModelConfig
+
+    path = _write(tmp_path, _with_param("model.attn_heads", {"type": "categorical", "choices": [1, 2, 3]}))
+    with pytest.raises(SpaceError) as info:
+        load_space(path)
+    with pytest.raises(ValueError) as rule:
+        ModelConfig(hidden_size=32, attn_heads=3)
+    message = str(info.value)
+    assert message.startswith(f"{path}: model.attn_heads (choice 3): ") and str(rule.value) in message
+    assert "model.hidden_size=32" in message  # the combination that was built
+
+
+def test_unknown_config_key_is_rejected_with_a_hint(tmp_path: Path):
+    for section in ("params", "fixed"):
+        data = dict(GOOD, fixed={"model.hiden_size": 32}) if section == "fixed" else \
+            _with_param("model.hiden_size", {"type": "categorical", "choices": [32]})
+        with pytest.raises(SpaceError) as info:
+            load_space(_write(tmp_path, data))
+        message = str(info.value)
+        assert f"{section} key 'model.hiden_size'" in message and "did you mean 'model.hidden_size'" in message
+    with pytest.raises(SpaceError, match="'model': not a config key"):  # a section is not a key
+        load_space(_write(tmp_path, dict(GOOD, fixed={"model": 3})))
+
+
+def test_any_config_field_is_searchable_and_judged_by_the_config(tmp_path: Path):
+    data = _with_param("train.schedule", {"type": "categorical", "choices": ["cosine", "constant"]})
+    data["params"]["data.non_overlap"] = {"type": "categorical", "choices": [True, False]}
+    data["fixed"]["train.warmup_steps"] = 10
+    space = load_space(_write(tmp_path, data))
+    assert {"train.schedule", "data.non_overlap"} <= {p.key for p in space.params}
+    data["params"]["train.schedule"]["choices"].append("linear")
+    with pytest.raises(SpaceError, match=r"train.schedule \(choice 'linear'\): config.train.schedule: expected one"):
+        load_space(_write(tmp_path, data))
+
+
+def test_inactive_parameters_are_absent_from_the_checked_configs(tmp_path: Path):
+    """gat_heads 3 only with hidden_size 48: the check never pairs it with 32 (whose default gat_heads 4 divides)."""
+    data = {"metric": "valid_rank_icir",
+            "params": {"model.hidden_size": {"type": "categorical", "choices": [32, 48]},
+                       "model.gat_heads": {"type": "categorical", "choices": [1, 3],
+                                           "when": {"model.hidden_size": {"eq": 48}}}},
+            "fixed": {"model.gat_layers": 1}}
+    load_space(_write(tmp_path, data))
+    data["params"]["model.gat_heads"]["when"] = {"model.hidden_size": {"in": [32, 48]}}
+    with pytest.raises(SpaceError, match="gat_heads \\(3\\) must divide hidden_size \\(32\\)"):
+        load_space(_write(tmp_path, data))
+
+
+def test_beyond_max_combinations_each_value_is_checked_against_the_base(tmp_path: Path):
+    from fvae.space import MAX_COMBINATIONS
+
+    data = {"metric": "valid_rank_icir", "params": {}, "fixed": {"model.hidden_size": 48}}
+    for key in ("model.num_factors", "model.num_portfolios", "model.gat_layers", "train.epochs",
+                "train.patience", "train.warmup_steps", "data.batch_days", "train.eval_batch_days", "train.seed"):
+        data["params"][key] = {"type": "int", "low": 1, "high": 2}
+    data["params"]["model.attn_heads"] = {"type": "categorical", "choices": [1, 2, 5]}
+    assert 2 ** 9 * 3 > MAX_COMBINATIONS
+    with pytest.raises(SpaceError, match=r"model.attn_heads \(choice 5\): .*attn_heads \(5\) must divide hidden"):
+        load_space(_write(tmp_path, data))
+
+
+def test_space_is_checked_against_the_base_config(tmp_path: Path):
+    space_file = _write(tmp_path, {"metric": "valid_rank_icir",
+                                   "params": {"model.attn_heads": {"type": "categorical", "choices": [1, 4]}}})
+    load_space(space_file)  # the default hidden_size 64 divides by 4
+    base = tmp_path / "base.yaml"
+    base.write_text("model: {hidden_size: 30}\n")
+    with pytest.raises(SpaceError, match=r"model.attn_heads \(choice 4\): .*attn_heads \(4\) must divide .* \(30\)"):
+        load_space(space_file, base=base)
+
+
+def test_metric_must_be_reported_per_epoch(tmp_path: Path):
+    assert {"valid_rank_icir", "nll", "loss"} <= set(METRICS)
+    with pytest.raises(SpaceError) as info:
+        load_space(_write(tmp_path, dict(GOOD, metric="valid_rank_icr")))
+    assert "broken_space.yaml: metric:" in str(info.value) and "did you mean 'valid_rank_icir'" in str(info.value)
+    space = load_space(_write(tmp_path, dict(GOOD, metric="nll", mode="min")))
+    assert (space.metric, space.mode) == ("nll", "min")

@@ -80,6 +80,56 @@ def test_tensorboard_has_every_trial_with_hparams(smoke_search):
         assert values["model.gamma"].number_value == pytest.approx(t["params"]["model.gamma"])
 
 
+def test_choose_best_follows_the_mode():
+    from fvae.tune import best_epoch, choose_best
+
+    trials = [{"trial_id": "a", "value": 0.3, "status": "TERMINATED"},
+              {"trial_id": "b", "value": 0.1, "status": "TERMINATED"},
+              {"trial_id": "c", "value": math.nan, "status": "TERMINATED"},
+              {"trial_id": "d", "value": 0.1, "status": "TERMINATED"},
+              {"trial_id": "e", "value": -5.0, "status": "ERROR"},  # a failed trial never wins
+              {"trial_id": "f", "value": 0.3, "status": "TERMINATED"}]
+    assert choose_best(trials, mode="min")["trial_id"] == "b"  # lowest; the tie with d goes to the lower id
+    assert choose_best(trials, mode="max")["trial_id"] == "a"
+    assert choose_best(trials[2:3], mode="max") is None
+    assert best_epoch([0.5, math.nan, 0.2, 0.4], "min") == 0.2
+    assert best_epoch([0.5, None, 0.2, 0.7], "max") == 0.7
+    assert math.isnan(best_epoch([math.nan], "max"))
+
+
+def test_mode_min_search_picks_the_lowest_value(tiny_market, tmp_path, ray_session, capsys):
+    """A real 2-trial search on ``metric: nll, mode: min``: every trial's value is the lowest nll of the
+    epochs it reported, and the best trial is the one with the lowest value."""
+    from fvae.train import load_state
+    from fvae.tune import run_search
+
+    space = tmp_path / "min_nll.yaml"
+    space.write_text(
+        "metric: nll\nmode: min\n"
+        "params:\n"
+        "  train.lr: {type: categorical, choices: [1.0e-3, 3.0e-3]}\n"
+        "  model.num_factors: {type: categorical, choices: [2, 4]}\n"
+        "fixed:\n"
+        "  model.hidden_size: 8\n  model.attn_heads: 1\n  model.gat_layers: 0\n  model.num_portfolios: 4\n"
+        "  train.epochs: 2\n  train.patience: 2\n  data.batch_days: 16\n")
+    summary = run_search(data=tiny_market, space_path=space, num_samples=2, exp_dir=tmp_path / "exp", seed=0)
+    assert (summary["metric"], summary["mode"]) == ("nll", "min")
+    saved = json.loads((tmp_path / "exp" / "summary.json").read_text())
+    assert (saved["metric"], saved["mode"]) == ("nll", "min")
+    trials = saved["trials"]
+    assert len(trials) == 2 and all(t["status"] == "TERMINATED" for t in trials), trials
+    for t in trials:  # a trial ASHA cut may have finished one more epoch than Tune recorded: compare those Tune saw
+        history = load_state(Path(t["run_dir"]) / "checkpoints" / "last")["history"][: t["epochs"]]
+        assert t["value"] == pytest.approx(min(h["nll"] for h in history))
+    lowest = min(t["value"] for t in trials)
+    best = saved["best"]
+    assert best["value"] == lowest
+    assert best["trial_id"] == min(t["trial_id"] for t in trials if t["value"] == lowest)
+    assert "valid_rank_icir" in best  # still recorded, whatever the metric
+    assert "(min nll): nll" in capsys.readouterr().out
+    assert (tmp_path / "exp" / "trials.png").stat().st_size > 5000
+
+
 def test_more_concurrent_trials_than_fit_warns():
     from fvae.tune import plan_concurrency
 
