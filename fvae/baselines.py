@@ -373,7 +373,8 @@ def train_network(net: nn.Module, split: Split, *, cfg: BaselineConfig, seed: in
         step, epochs=range(cfg.epochs), validate=validate, stopper=stopper, history=[], model=net, d=d,
         batches=lambda e: epoch_batches(train.num_days, batch_days=cfg.batch_days, lookback=train.lookback,
                                         seed=seed, epoch=e, day_fraction=cfg.day_fraction),
-        max_skipped_fraction=ftrain.TrainConfig().max_skipped_fraction, after_epoch=show)
+        max_skipped_fraction=ftrain.TrainConfig().max_skipped_fraction, days_per_step=cfg.batch_days,
+        after_epoch=show)
     if stopper.best_state is not None:
         net.load_state_dict(stopper.best_state)
     net.eval()

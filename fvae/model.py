@@ -19,8 +19,24 @@ The dynamic factor model, per trading day, for stock i:
   factor predictor   e ──attention──▶ μ_prior, σ_prior          (B, K)  p(z | x)
   factor decoder     (e, z) ──▶ μ_y = μ_α + β μ_z,  σ_y² = σ_α² + β² σ_z²   (B, N)
 
-  training loss per day:  −log N(y | μ_y, σ_y) [posterior z]  +  γ · KL(q ‖ p)
   prediction:             μ_y, σ_y from the prior z (no y needed)
+
+Two objectives (``ModelConfig.objective``), per day with N real stocks:
+
+  "elbo" (default)  the evidence lower bound of the day's whole cross-section, per stock:
+                    [ Σ_i E_q[−log N(y_i | μ_α,i + β_i z, σ_α,i²)] + γ · Σ_k max(KL_k, λ) ] / N
+                    where z ~ q is ONE draw shared by the day's stocks, taken in closed form:
+                    E_q[(y − μ_α − β z)²] = (y − μ_α − β μ_post)² + Σ_k β_k² σ_post,k².
+                    γ = 1 is the true ELBO (γ is a β-VAE's β), λ ("free bits", nats per
+                    factor) keeps factors from collapsing, and γ can be annealed from 0
+                    (``train.kl_warmup_epochs``). Because z is shared, the decoder must split
+                    each stock's variance into a common part β² σ_z² and its own σ_α²: the
+                    covariance β diag(σ_z²) βᵀ + diag(σ_α²) is fit to how stocks move together.
+  "paper"           the paper's loss as written: the mean over stocks of each stock's
+                    marginal −log N(y_i | μ_α + β μ_post, σ_α² + β² σ_post²), plus γ · KL per day.
+                    Next to a likelihood averaged over N stocks, a KL summed per day weighs N
+                    times more: in effect a β-VAE with β = γ·N, where collapse (posterior =
+                    prior, the factor path unused) is the optimum for any γ near 1.
 
 One sample is one trading day's whole padded cross-section: x (B, N, T, C),
 y (B, N), mask (B, N) with True = real stock. Every softmax, attention, loss and
@@ -32,6 +48,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +68,9 @@ class ModelConfig:
     leaky_slope: float = 0.1
     sigma_floor: float = 1e-4  # σ = softplus(·) + floor everywhere
     gamma: float = 1.0  # KL weight γ
+    objective: Literal["elbo", "paper"] = "elbo"  # see the module docstring
+    free_bits: float = 0.0  # λ, nats per factor and day below which KL_k is not penalised ("elbo")
+    scale_portfolios: bool = True  # y_p · sqrt(N): portfolio returns at one stock's scale (False = paper)
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "num_factors", "num_portfolios", "attn_heads", "gat_heads"):
@@ -69,6 +89,12 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.sigma_floor must be > 0, got {self.sigma_floor!r}")
         if not (self.gamma >= 0.0 and math.isfinite(self.gamma)):
             raise ValueError(f"ModelConfig.gamma must be a finite number >= 0, got {self.gamma!r}")
+        if self.objective not in ("elbo", "paper"):
+            raise ValueError(f"ModelConfig.objective must be 'elbo' or 'paper', got {self.objective!r}")
+        if not (self.free_bits >= 0.0 and math.isfinite(self.free_bits)):
+            raise ValueError(f"ModelConfig.free_bits must be a finite number >= 0, got {self.free_bits!r}")
+        if self.free_bits > 0 and self.objective == "paper":
+            raise ValueError("ModelConfig.free_bits: applies to objective 'elbo' only")
         if self.hidden_size % self.attn_heads:
             raise ValueError(
                 f"ModelConfig.attn_heads ({self.attn_heads}) must divide hidden_size ({self.hidden_size})"
@@ -83,9 +109,9 @@ class ModelConfig:
 class LossParts:
     """Per-day terms, each (B,); the train loop weights and averages days itself."""
 
-    loss: Tensor  # nll + γ·kl
-    nll: Tensor  # masked mean over real stocks of −log N(y | μ_y, σ_y), posterior z
-    kl: Tensor  # Σ_k KL(N(μ_post, σ_post) ‖ N(μ_prior, σ_prior))
+    loss: Tensor  # what is minimised (see the module docstring)
+    nll: Tensor  # masked mean over real stocks of the reconstruction term, posterior z
+    kl: Tensor  # Σ_k KL(N(μ_post, σ_post) ‖ N(μ_prior, σ_prior)), nats per day
 
 
 @dataclass
@@ -99,6 +125,18 @@ class Prediction:
     beta: Tensor  # (B, N, K) factor exposures
     mu_z: Tensor  # (B, K) prior factor distribution
     sigma_z: Tensor  # (B, K)
+
+
+@dataclass
+class Diagnosis:
+    """What the posterior learnt next to the prior, for a day whose returns are known."""
+
+    mu_prior: Tensor  # (B, N) μ_y from the prior's μ_z: the forecast
+    mu_post: Tensor  # (B, N) μ_y from the posterior's μ_z: the reconstruction (uses y)
+    kl: Tensor  # (B, K) KL(q ‖ p) per factor
+    common_var: Tensor  # (B, N) Σ_k β_k² σ_prior,k²: the variance the factors explain
+    idio_var: Tensor  # (B, N) σ_α²
+    mu_z_post: Tensor  # (B, K) the posterior factor means
 
 
 # ---------------------------------------------------------------------------------
@@ -150,6 +188,22 @@ def gaussian_kl(mu_q: Tensor, sigma_q: Tensor, mu_p: Tensor, sigma_p: Tensor) ->
     mu_q, sigma_q, mu_p, sigma_p = mu_q.float(), sigma_q.float(), mu_p.float(), sigma_p.float()
     log_ratio = sigma_q.log() - sigma_p.log()  # log(σ_q / σ_p)
     return 0.5 * (torch.exp(2 * log_ratio) + ((mu_q - mu_p) / sigma_p) ** 2 - 1) - log_ratio
+
+
+def expected_nll(y: Tensor, mu_alpha: Tensor, sigma_alpha: Tensor, beta: Tensor, mu_z: Tensor, sigma_z: Tensor,
+                 mask: Tensor) -> Tensor:
+    """Per stock E_{z ~ N(μ_z, σ_z²)}[−log N(y | μ_α + β z, σ_α²)] for one z shared by the day, fp32:
+
+        ½ log 2π + log σ_α + [(y − μ_α − β μ_z)² + Σ_k β_k² σ_z,k²] / (2 σ_α²)
+
+    (B, N) ×3, (B, N, K), (B, K) ×2, mask (B, N) → (B, N), 0 at padded stocks.
+    """
+    beta, mu_z, sigma_z = beta.float(), mu_z.float(), sigma_z.float()
+    resid = y.float() - mu_alpha.float() - (beta * mu_z[:, None, :]).sum(dim=-1)  # (B, N)
+    spread = (beta**2 * sigma_z[:, None, :] ** 2).sum(dim=-1)  # (B, N) posterior uncertainty through β
+    var_a = sigma_alpha.float() ** 2
+    nll = 0.5 * math.log(2 * math.pi) + sigma_alpha.float().log() + (resid**2 + spread) / (2 * var_a)
+    return torch.where(mask, nll, 0.0)
 
 
 def reconstruct(mu_alpha: Tensor, sigma_alpha: Tensor, beta: Tensor, mu_z: Tensor, sigma_z: Tensor) -> tuple[Tensor, Tensor]:
@@ -222,6 +276,7 @@ class FactorEncoder(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         M, K = cfg.num_portfolios, cfg.num_factors
+        self.scale = cfg.scale_portfolios
         self.portfolio = nn.Linear(cfg.hidden_size, M)
         self.feature_return = nn.Linear(cfg.hidden_size, 1) if cfg.conditional_posterior else None
         width = 2 * M if cfg.conditional_posterior else M
@@ -236,6 +291,12 @@ class FactorEncoder(nn.Module):
         a_p = self.weights(e, mask)  # (B, N, M)
         # elementwise, not einsum, to keep the portfolio returns fp32 under autocast
         y_p = (a_p * y[..., None].float()).sum(dim=1)  # (B, M)
+        if self.scale:
+            # a softmax portfolio of N stocks averages a cross-section of unit-spread returns down to
+            # ~1/sqrt(N): the linear maps to μ_post would need weights ~sqrt(N) times larger before
+            # the posterior could follow the day's returns (measured: it never gets there, and the
+            # factors collapse into the alpha). sqrt(N) restores one stock's scale.
+            y_p = y_p * mask.sum(dim=1, keepdim=True).clamp(min=1).float().sqrt()
         if self.feature_return is not None:
             e_p = torch.einsum("bnm,bnh->bmh", a_p.to(e.dtype), e)  # (B, M, H)
             y_p = torch.cat([y_p, self.feature_return(e_p).squeeze(-1).float()], dim=-1)  # (B, 2M)
@@ -317,6 +378,8 @@ class FactorVAE(nn.Module):
         self.encoder = FactorEncoder(cfg)
         self.decoder = FactorDecoder(cfg)
         self.predictor = FactorPredictor(cfg)
+        # KL warm-up: the training loop fills this in place (a tensor, so a CUDA graph reads it)
+        self.register_buffer("kl_scale", torch.ones(()), persistent=False)
 
     def _features(self, x: Tensor, mask: Tensor) -> Tensor:
         """x (B, N, T, C), mask (B, N) → e (B, N, H), exactly 0 at padded stocks."""
@@ -348,13 +411,18 @@ class FactorVAE(nn.Module):
         mu_post, sigma_post = self.encoder(e, y, mask)  # (B, K)
         mu_prior, sigma_prior = self.predictor(e, mask)  # (B, K)
         mu_alpha, sigma_alpha, beta = self.decoder(e)
-        # The paper decodes a reparameterised sample z ~ q; here the decoder's analytic
-        # Gaussian is used instead (y = α + β z with z ~ N(μ_post, σ_post²) is exactly
-        # N(μ_y, σ_y²)), which is the same likelihood without the sampling noise.
-        mu_y, sigma_y = reconstruct(mu_alpha, sigma_alpha, beta, mu_post, sigma_post)  # (B, N)
-        nll = gaussian_nll(y, mu_y, sigma_y, mask)  # (B,)
-        kl = gaussian_kl(mu_post, sigma_post, mu_prior, sigma_prior).sum(dim=-1)  # (B,)
-        return LossParts(loss=nll + self.cfg.gamma * kl, nll=nll, kl=kl)
+        kl_k = gaussian_kl(mu_post, sigma_post, mu_prior, sigma_prior)  # (B, K)
+        kl = kl_k.sum(dim=-1)  # (B,)
+        if self.cfg.objective == "paper":
+            # each stock's marginal under z ~ q, scored as if the stocks drew their own z
+            mu_y, sigma_y = reconstruct(mu_alpha, sigma_alpha, beta, mu_post, sigma_post)  # (B, N)
+            nll = gaussian_nll(y, mu_y, sigma_y, mask)  # (B,)
+            return LossParts(loss=nll + self.cfg.gamma * self.kl_scale * kl, nll=nll, kl=kl)
+        # the ELBO of the cross-section, with the day's one z taken in closed form, per stock
+        count = mask.sum(dim=1).clamp(min=1)  # (B,)
+        nll = expected_nll(y, mu_alpha, sigma_alpha, beta, mu_post, sigma_post, mask).sum(dim=1) / count  # (B,)
+        penalty = kl_k.clamp(min=self.cfg.free_bits).sum(dim=-1) if self.cfg.free_bits > 0 else kl  # (B,)
+        return LossParts(loss=nll + self.cfg.gamma * self.kl_scale * penalty / count, nll=nll, kl=kl)
 
     def predict(self, x: Tensor, mask: Tensor) -> Prediction:
         """Forecast from the prior: predictor → decoder, means only (no sampling)."""
@@ -370,6 +438,24 @@ class FactorVAE(nn.Module):
             beta=torch.where(mask[..., None], beta, 0.0),
             mu_z=mu_z,
             sigma_z=sigma_z,
+        )
+
+    def diagnose(self, x: Tensor, y: Tensor, mask: Tensor) -> Diagnosis:
+        """Posterior and prior side by side (one feature pass): is the posterior informative, are
+        the factors used, and how is each stock's variance split between factors and its own?"""
+        e = self._features(x, mask)
+        y = torch.where(mask, y, 0.0)
+        mu_post, sigma_post = self.encoder(e, y, mask)
+        mu_prior, sigma_prior = self.predictor(e, mask)
+        mu_alpha, sigma_alpha, beta = self.decoder(e)
+        m = lambda t: torch.where(mask, t, 0.0)  # noqa: E731
+        return Diagnosis(
+            mu_prior=m(reconstruct(mu_alpha, sigma_alpha, beta, mu_prior, sigma_prior)[0]),
+            mu_post=m(reconstruct(mu_alpha, sigma_alpha, beta, mu_post, sigma_post)[0]),
+            kl=gaussian_kl(mu_post, sigma_post, mu_prior, sigma_prior),
+            common_var=m((beta.float() ** 2 * sigma_prior.float()[:, None, :] ** 2).sum(dim=-1)),
+            idio_var=m(sigma_alpha.float() ** 2),
+            mu_z_post=mu_post,
         )
 
     def portfolio_weights(self, x: Tensor, mask: Tensor) -> Tensor:

@@ -12,7 +12,12 @@ directory and adds the search). Sections, with stable ids:
                baselines/ and robustness/ first: the model rows come from the first file without a
                robustness experiment, a table of its own from each other such file, robustness
                tables from every file with one),
-               the synthetic market's ceiling; training curves
+               the synthetic market's ceiling, each baseline's selection rule (baselines.json's
+               ``selected_by``, when it has one); training curves
+    risk       bias statistics of the predicted covariance per segment (metrics.json's ``risk``)
+    posterior  is the posterior informative: per-epoch validation Rank IC of the forecast vs the
+               posterior reconstruction, active factors, common variance share, KL per factor
+               (metrics.json's history); factor recovery on a synthetic market (``factor_recovery``)
     equity     cumulative returns of TopK-Drop and mean-variance, benchmark, excess (fvae.backtest;
                run into RUN_DIR/backtest when its outputs are absent)
     drawdown   drawdowns of the same
@@ -46,8 +51,13 @@ import pandas as pd
 from fvae.data.shards import DataError
 from fvae.io import atomic_write_text, pyplot
 
-SECTIONS = ("metrics", "equity", "drawdown", "factors", "search")
+SECTIONS = ("metrics", "risk", "posterior", "equity", "drawdown", "factors", "search")
 METRIC_COLS = (("ic", "IC"), ("icir", "ICIR"), ("rank_ic", "Rank IC"), ("rank_icir", "Rank ICIR"))
+RUN_SELECTED_BY = "epoch by valid Rank ICIR"  # how fvae.train picks the run's best epoch (EarlyStopping)
+BIAS_COLS = (("random", "random long-short"), ("factor", "factor-mimicking"), ("mean_variance", "mean-variance"))
+BIAS_OK = (0.8, 1.25)  # a bias statistic outside this band marks a miscalibrated risk model
+ACTIVE_KL = 0.01  # fvae.train.ACTIVE_KL (not imported: fvae.train pulls in torch): nats/day of an active factor
+MAX_EPOCH_ROWS = 25  # a longer history is tabulated on evenly spaced epochs, plus the best and the last
 
 
 class ReportError(ValueError):
@@ -83,9 +93,14 @@ def _pct(v: Any) -> str:
     return "–" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{100 * v:.2f}%"
 
 
-def _table(head: list[str], rows: list[list[str]], cls: str = "") -> str:
+def _td(c: str | tuple[str, str]) -> str:
+    """A cell: its HTML, or (HTML, CSS class)."""
+    return f'<td class="{c[1]}">{c[0]}</td>' if isinstance(c, tuple) else f"<td>{c}</td>"
+
+
+def _table(head: list[str], rows: list[list[Any]], cls: str = "") -> str:
     th = "".join(f"<th>{h}</th>" for h in head)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
+    body = "".join("<tr>" + "".join(_td(c) for c in r) + "</tr>" for r in rows)
     return f'<table class="{cls}"><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>'
 
 
@@ -109,6 +124,7 @@ text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:
 figure{margin:1em 0}img{max-width:100%;height:auto;border:1px solid #eee}figcaption{font-size:.85em;color:#666}
 .na{color:#8a5a00;background:#fff6e0;padding:.4em .7em;border-left:3px solid #e0a000}.meta{color:#666;
 font-size:.9em}code{background:#f4f4f4;padding:0 .2em}#img-warning{color:#b00}
+td.off{background:#fde2e2;color:#900;font-weight:bold}.verdict{font-weight:bold}.verdict.bad{color:#b00}
 """
 
 SCRIPT = """
@@ -213,7 +229,8 @@ def section_metrics(inp: Inputs, baselines: list[Path]) -> str:
     for seg in ("valid", "test"):
         m = inp.metrics.get(seg)
         if m:
-            rows.append([f"FactorVAE ({seg})", *[_fmt(m.get(k)) for k, _ in METRIC_COLS], _fmt(m.get("days"))])
+            rows.append([f"FactorVAE ({seg})", *[_fmt(m.get(k)) for k, _ in METRIC_COLS], _fmt(m.get("days")),
+                         _esc(RUN_SELECTED_BY)])
     parts = []
     loaded: list[tuple[Path, dict[str, Any]]] = []
     for path in baselines:
@@ -226,15 +243,16 @@ def section_metrics(inp: Inputs, baselines: list[Path]) -> str:
     for path, bl in loaded:
         try:
             n = len(bl.get("seeds", []))
+            sel = _selected_by(bl)
             own = [[f"{_esc(name)} ({seg}, {n} seed{'s' if n != 1 else ''})",
-                    *[_cell(agg[seg], k) for k, _ in METRIC_COLS], ""]
+                    *[_cell(agg[seg], k) for k, _ in METRIC_COLS], "", _esc(sel.get(name, "–"))]
                    for name, agg in bl.get("models", {}).items() for seg in ("valid", "test") if seg in agg]
             rob = bl.get("robustness")
             if bl is main:
                 rows += own
             elif not rob and own:  # another full-universe experiment: its own table, named by its folder
                 parts.append(f"<h3>Baselines in <code>{_esc(path.parent.name)}</code></h3>"
-                             + _table(["model (segment)", *[h for _, h in METRIC_COLS], "days"], own))
+                             + _metrics_table(own, selected=bool(sel)))
             if rob:
                 rrows = [[_esc(n), _cell(a, "rank_ic"), _cell(a, "rank_icir")] for n, a in rob["models"].items()]
                 parts.append(f"<h3>Robustness: {rob['m']} stocks removed from training (test Rank IC on them, "
@@ -248,8 +266,8 @@ def section_metrics(inp: Inputs, baselines: list[Path]) -> str:
     if ceiling:
         for seg in ("valid", "test"):
             if seg in ceiling:
-                rows.append([f"ceiling: true μ ({seg})", "–", "–", _fmt(float(ceiling[seg])), "–", "–"])
-    out = _table(["model (segment)", *[h for _, h in METRIC_COLS], "days"], rows, "metrics")
+                rows.append([f"ceiling: true μ ({seg})", "–", "–", _fmt(float(ceiling[seg])), "–", "–", "–"])
+    out = _metrics_table(rows, selected=main is not None and bool(_selected_by(main)), cls="metrics")
     out += "".join(parts)
     be = inp.metrics.get("best_epoch")
     extra = [f"best epoch {be + 1 if isinstance(be, int) else '–'} of {inp.metrics.get('epochs_run', '–')} run "
@@ -257,6 +275,178 @@ def section_metrics(inp: Inputs, baselines: list[Path]) -> str:
     out += f'<p class="meta">{_esc(", ".join(extra))}; run directory <code>{_esc(inp.run_dir)}</code></p>'
     curves = inp.run_dir / "curves.png" if inp.run_dir else None
     out += _img(curves, "Training curves") if curves and curves.is_file() else _na("curves.png is missing")
+    return out
+
+
+def _selected_by(bl: dict[str, Any]) -> dict[str, str]:
+    """baselines.json's {model: rule its final fit was chosen by}; {} for files from before it."""
+    sel = bl.get("selected_by")
+    return {str(k): str(v) for k, v in sel.items()} if isinstance(sel, dict) else {}
+
+
+def _metrics_table(rows: list[list[str]], *, selected: bool, cls: str = "") -> str:
+    """Rows of model, METRIC_COLS, days, selection rule; the rule's column only when ``selected``."""
+    head = ["model (segment)", *[h for _, h in METRIC_COLS], "days"] + (["selected by"] if selected else [])
+    return _table(head, [r[:len(head)] for r in rows], cls)
+
+
+def _bias_cell(v: Any) -> str | tuple[str, str]:
+    """A bias statistic, marked (class ``off``) when outside BIAS_OK."""
+    if not isinstance(v, (int, float)) or not math.isfinite(v):
+        return "–"
+    lo, hi = BIAS_OK
+    if lo <= v <= hi:
+        return _fmt(float(v), 3)
+    side = "risk under-predicted" if v > hi else "risk over-predicted"
+    return f'<span title="{side}">{_fmt(float(v), 3)} {"▲" if v > hi else "▼"}</span>', "off"
+
+
+def section_risk(inp: Inputs) -> str:
+    """metrics.json's ``risk``: bias statistics of the predicted covariance per segment."""
+    if inp.metrics is None:
+        return _na(inp.notes.get("run", "no run directory was found"))
+    risk = inp.metrics.get("risk")
+    if not isinstance(risk, dict) or not any(isinstance(risk.get(s), dict) for s in ("valid", "test")):
+        return _na("metrics.json has no bias statistics (\"risk\"): the run predates them")
+    rows = [[seg, *[_bias_cell(r.get(k)) for k, _ in BIAS_COLS], _fmt(r.get("days"))]
+            for seg in ("valid", "test") if isinstance(r := risk.get(seg), dict)]
+    lo, hi = BIAS_OK
+    out = ('<p>Bias statistic: the standard deviation over days of a portfolio\'s realised return divided by '
+           'its predicted volatility under the model\'s covariance β diag(σ_z²) βᵀ + diag(σ_α²). '
+           '1 means the predicted risk is calibrated, &gt; 1 that risk is under-predicted, &lt; 1 that it is '
+           f'over-predicted; values outside [{lo}, {hi}] are marked.</p>'
+           '<p class="meta">Portfolios, per day: random long-short weights (the mean of 16), factor-mimicking '
+           '(unit exposure to one factor, none to the others; the mean over factors), and the mean-variance '
+           'portfolio Σ⁻¹μ of the model\'s own forecast.</p>')
+    out += _table(["segment", *[h for _, h in BIAS_COLS], "days"], rows, "risk")
+    off = sum(isinstance(c, tuple) for r in rows for c in r)
+    if off:
+        out += f'<p class="verdict bad">{off} bias statistic{"s" if off != 1 else ""} outside [{lo}, {hi}]: ' \
+               'the predicted covariance is miscalibrated there.</p>'
+    return out
+
+
+def _best_row(history: list[dict[str, Any]], best_epoch: Any) -> dict[str, Any]:
+    """The history row of the best epoch (the last row when it is not found)."""
+    return next((h for h in history if h.get("epoch") == best_epoch), history[-1])
+
+
+def _epoch_rows(history: list[dict[str, Any]], best_epoch: Any) -> list[dict[str, Any]]:
+    """Every row, or for a long history MAX_EPOCH_ROWS evenly spaced ones plus the best and the last."""
+    n = len(history)
+    if n <= MAX_EPOCH_ROWS:
+        return history
+    keep = {int(i) for i in np.linspace(0, n - 1, MAX_EPOCH_ROWS - 2).round()} | {n - 1}
+    keep |= {i for i, h in enumerate(history) if h.get("epoch") == best_epoch}
+    return [history[i] for i in sorted(keep)]
+
+
+def _kl_plot(history: list[dict[str, Any]], best_epoch: Any) -> bytes | None:
+    """Validation Rank IC of forecast vs posterior, and KL per factor (log scale), per epoch."""
+    rows = [h for h in history if isinstance(h.get("valid_kl_per_factor"), list) and h["valid_kl_per_factor"]]
+    if not rows:
+        return None
+    K = max(len(h["valid_kl_per_factor"]) for h in rows)
+    kl = np.full((len(rows), K), np.nan)
+    for i, h in enumerate(rows):
+        kl[i, :len(h["valid_kl_per_factor"])] = [v if isinstance(v, (int, float)) else np.nan
+                                                 for v in h["valid_kl_per_factor"]]
+    ep = [h.get("epoch", i) + 1 for i, h in enumerate(rows)]
+    def num(h: dict[str, Any], k: str) -> float:
+        return h[k] if isinstance(h.get(k), (int, float)) else np.nan
+
+    plt = _plt()
+    fig, ax = plt.subplots(1, 2, figsize=(11, 3.6))
+    ax[0].plot(ep, [num(h, "valid_rank_ic") for h in rows], marker=".", label="forecast (prior μ)")
+    ax[0].plot(ep, [num(h, "valid_rank_ic_post") for h in rows], marker=".", ls="--",
+               label="posterior reconstruction")
+    ax[0].set_title("validation Rank IC")
+    ax[0].legend(fontsize=8)
+    floor = 1e-6  # log scale: a KL of 0 is drawn at the floor
+    for k in range(K):
+        ax[1].plot(ep, np.maximum(kl[:, k], floor), marker=".", label=f"z{k}")
+    ax[1].axhline(ACTIVE_KL, color="grey", ls=":", lw=1, label=f"active > {ACTIVE_KL}")
+    ax[1].set_yscale("log")
+    ax[1].set_title("validation KL per factor (nats/day)")
+    if K <= 8:
+        ax[1].legend(fontsize=7, ncol=2)
+    from matplotlib.ticker import MaxNLocator
+
+    for a in ax:
+        if isinstance(best_epoch, int):
+            a.axvline(best_epoch + 1, color="C3", lw=1, alpha=0.5)
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
+        a.set_xlabel("epoch")
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    return _fig_png(fig)
+
+
+def _factor_recovery(fr: Any) -> str:
+    """metrics.json's ``factor_recovery``: canonical correlations with the planted factors, β R²."""
+    if not isinstance(fr, dict) or not fr:
+        return _na("metrics.json has no factor recovery: it needs a synthetic market with planted factors "
+                   "(and a run that recorded it)")
+    out = ""
+    cols = (("canonical_corr_posterior", "posterior μ_post"), ("canonical_corr_prior", "prior μ_z"),
+            ("canonical_corr_oracle", "oracle (true β)"))
+    for seg, r in fr.items():
+        if not isinstance(r, dict):
+            continue
+        lists = [r.get(k) if isinstance(r.get(k), list) else [] for k, _ in cols]
+        n = max(map(len, lists), default=0)
+        rows = [[f"pair {i + 1}", *[_fmt(v[i], 3) if i < len(v) else "–" for v in lists]] for i in range(n)]
+        out += (f'<p class="meta">{_esc(seg)} segment, {_fmt(r.get("days"))} days: canonical correlations of each '
+                'factor series with the true factor returns z_t (largest first), the oracle regressing the label '
+                'on the true β; R² of the true β regressed on the learnt β: '
+                f'<b>{_fmt(r.get("beta_r2"), 3)}</b>.</p>')
+        out += _table(["canonical pair", *[h for _, h in cols]], rows, "recovery")
+    return out
+
+
+def section_posterior(inp: Inputs) -> str:
+    """Is the posterior informative? Per-epoch diagnostics from the history, and factor recovery."""
+    if inp.metrics is None:
+        return _na(inp.notes.get("run", "no run directory was found"))
+    history = [h for h in inp.metrics.get("history") or [] if isinstance(h, dict)]
+    diag = [h for h in history if "valid_rank_ic_post" in h or "valid_kl_per_factor" in h]
+    be = inp.metrics.get("best_epoch")
+    out = ""
+    if not diag:
+        out += _na("the run's history has no posterior diagnostics (valid_rank_ic_post, valid_kl_per_factor): "
+                   "the run predates them")
+    else:
+        best = _best_row(diag, be)
+        kl = best.get("valid_kl_per_factor")
+        K = len(kl) if isinstance(kl, list) else None
+        active = best.get("valid_active_factors")
+        if isinstance(active, int) and active == 0:
+            out += (f'<p class="verdict bad">Posterior collapsed: 0 of {K if K is not None else "–"} factors '
+                    f'active at the best epoch (mean KL ≤ {ACTIVE_KL} nats/day for every factor).</p>')
+        elif isinstance(active, int):
+            out += (f'<p class="verdict">{active} of {K if K is not None else "–"} factors active at the best '
+                    f'epoch (mean KL &gt; {ACTIVE_KL} nats/day).</p>')
+        out += (f'<p class="meta">Best epoch {best.get("epoch", 0) + 1}: validation Rank IC of the forecast '
+                f'{_fmt(best.get("valid_rank_ic"))}, of the posterior reconstruction (which sees the day\'s '
+                f'returns) {_fmt(best.get("valid_rank_ic_post"))}; an informative posterior scores far above '
+                'the forecast. Common share: the part of the predicted variance the factors carry, '
+                'β²σ_z² / (β²σ_z² + σ_α²).</p>')
+        shown = _epoch_rows(diag, be)
+        rows = [[f'{h.get("epoch", 0) + 1}{" (best)" if h.get("epoch") == be else ""}',
+                 _fmt(h.get("valid_rank_ic")), _fmt(h.get("valid_rank_ic_post")),
+                 _fmt(h.get("valid_active_factors")), _pct(h.get("valid_common_share")),
+                 _fmt(float(sum(v for v in h["valid_kl_per_factor"] if isinstance(v, (int, float)))), 3)
+                 if isinstance(h.get("valid_kl_per_factor"), list) else "–"]
+                for h in shown]
+        if len(shown) < len(diag):
+            out += f'<p class="meta">{len(shown)} of {len(diag)} epochs shown.</p>'
+        out += _table(["epoch", "Rank IC (forecast)", "Rank IC (posterior)", "active factors", "common share",
+                       "total KL (nats/day)"], rows, "posterior")
+        png = _kl_plot(diag, be)
+        if png is not None:
+            out += _img(png, "Validation Rank IC of the forecast vs the posterior reconstruction, and KL per "
+                             f"factor per epoch (log scale; dotted: the active threshold {ACTIVE_KL})")
+    out += "<h3>Factor recovery</h3>" + _factor_recovery(inp.metrics.get("factor_recovery"))
     return out
 
 
@@ -566,7 +756,9 @@ def build_report(path: str | Path, *, out: str | Path, data: str | Path | None =
     inp = resolve_inputs(path, data=data)
     bl = find_baselines(inp, baselines)
     body: dict[str, str] = {}
-    titles = {"metrics": "Signal metrics", "equity": "Backtest: cumulative returns", "drawdown": "Drawdowns",
+    titles = {"metrics": "Signal metrics", "risk": "Risk model: bias statistics",
+              "posterior": "Is the posterior informative?", "equity": "Backtest: cumulative returns",
+              "drawdown": "Drawdowns",
               "factors": "Factor analysis", "search": "Hyperparameter search"}
 
     def guarded(name: str, fn: Any) -> None:
@@ -576,6 +768,8 @@ def build_report(path: str | Path, *, out: str | Path, data: str | Path | None =
             body[name] = _na(f"building this section failed ({type(e).__name__}: {e})")
 
     guarded("metrics", lambda: section_metrics(inp, bl))
+    guarded("risk", lambda: section_risk(inp))
+    guarded("posterior", lambda: section_posterior(inp))
     folder, note = None, ""
     try:
         folder, note = ensure_backtest(inp, topk=topk, n_drop=n_drop, progress=progress)

@@ -38,7 +38,7 @@ import torch.distributed as dist
 
 from fvae import config as fconfig
 from fvae.data.loader import Batch, LoaderConfig, Panel, epoch_batches, load_panel, shard_batches
-from fvae.data.shards import DataError, Meta, read_meta
+from fvae.data.shards import TRUTH_FILE, DataError, Meta, read_meta
 from fvae.io import atomic_to_parquet, atomic_to_pickle, atomic_torch_save, atomic_write_json, pyplot
 from fvae.metrics import daily_ic, daily_rank_ic, summarize
 from fvae.model import FactorVAE, ModelConfig
@@ -60,6 +60,7 @@ class TrainConfig:
     eval_batch_days: int = 64
     nonfinite: Literal["skip", "raise"] = "skip"  # what a NaN/inf loss does to its step
     max_skipped_fraction: float = 0.25  # more skipped steps than this in an epoch is an error
+    kl_warmup_epochs: int = 0  # the KL weight rises linearly from γ/E to γ over the first E epochs
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -68,6 +69,8 @@ class TrainConfig:
             raise ValueError(f"train.lr: expected > 0, got {self.lr}")
         if self.patience < 0 or self.grad_clip < 0:
             raise ValueError("train.patience and train.grad_clip: expected >= 0")
+        if self.kl_warmup_epochs < 0:
+            raise ValueError(f"train.kl_warmup_epochs: expected >= 0, got {self.kl_warmup_epochs}")
         if self.cuda_graph and self.compile:
             raise ValueError("train.cuda_graph and train.compile: choose one")
 
@@ -343,8 +346,12 @@ def graph_slots(num_days: int, data: LoaderConfig, lookback: int) -> int:
 
 def train_epoch(step: Step, batches: list[np.ndarray], *, d: Dist, sched: Any = None, epoch: int = 0,
                 nonfinite: Literal["skip", "raise"] = "skip", max_skipped_fraction: float = 1.0,
-                on_step: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+                days_per_step: int | None = None, on_step: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """One step per global batch of ``batches`` on this rank's share of its days (``shard_batches``).
+
+    Each step's loss is the sum over its days divided by ``days_per_step`` (the nominal batch size,
+    ``data.batch_days``), not by the days the batch happens to hold: a day left in a short batch
+    at the end of a run weighs what any other day weighs. None divides by the batch's own days.
 
     Returns the day-weighted mean of each objective term over every rank's days, the steps run
     (and the fewest/most over ranks, which DDP needs equal) and the steps skipped as non-finite.
@@ -356,7 +363,7 @@ def train_epoch(step: Step, batches: list[np.ndarray], *, d: Dist, sched: Any = 
     skipped = 0
     for i, (global_days, (days, weight)) in enumerate(
             zip(batches, shard_batches(batches, rank=d.rank, world_size=d.world_size)), 1):
-        finite, part = step.step(days, weight, global_days=len(global_days))
+        finite, part = step.step(days, weight, global_days=days_per_step or len(global_days))
         if sched is not None:
             sched.step()
         if finite:
@@ -417,7 +424,8 @@ class EarlyStopping:
 def train_epochs(step: Step, *, epochs: range, batches: Callable[[int], list[np.ndarray]],
                  validate: Callable[[], dict[str, float]], stopper: EarlyStopping, history: list[dict[str, Any]],
                  model: torch.nn.Module, d: Dist, sched: Any = None, nonfinite: Literal["skip", "raise"] = "skip",
-                 max_skipped_fraction: float = 1.0,
+                 max_skipped_fraction: float = 1.0, days_per_step: int | None = None,
+                 before_epoch: Callable[[int], None] | None = None,
                  after_epoch: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """The epoch loop of every network: train an epoch, validate, update ``stopper``, append the
     epoch's row to ``history``, call ``after_epoch(row)``; stop early when ``stopper`` says so.
@@ -426,8 +434,10 @@ def train_epochs(step: Step, *, epochs: range, batches: Callable[[int], list[np.
         if stopper.stop:
             break
         t0 = time.time()
+        if before_epoch is not None:
+            before_epoch(epoch)
         row: dict[str, Any] = {"epoch": epoch, **train_epoch(step, batches(epoch), d=d, sched=sched, epoch=epoch,
-                                                             nonfinite=nonfinite,
+                                                             nonfinite=nonfinite, days_per_step=days_per_step,
                                                              max_skipped_fraction=max_skipped_fraction)}
         row["lr"] = float(step.optim.param_groups[0]["lr"])
         val = validate()
@@ -468,30 +478,47 @@ def predict_panel(model: FactorVAE, panel: Panel, *, days: np.ndarray | None = N
     return out
 
 
+ACTIVE_KL = 0.01  # nats per day: a factor whose mean KL(q ‖ p) is below this carries no information
+
+
+@torch.no_grad()
 def evaluate_panel(model: FactorVAE, panel: Panel, d: Dist, *, batch_days: int, bf16: bool = False) -> dict:
-    """Valid/test metrics over ALL days of the panel, each rank scoring its share of days."""
-    mine = np.arange(panel.num_days)[d.rank::d.world_size]
-    pred = predict_panel(model, panel, days=mine, batch_days=batch_days, bf16=bf16)["mu"]
-    D = panel.num_days
-    idx = torch.as_tensor(mine, device=panel.feat.device, dtype=torch.long)
-    ic = torch.zeros(D, dtype=torch.float64, device=panel.feat.device)
-    ric = torch.zeros_like(ic)
-    defined = torch.zeros_like(ic)
-    if len(mine):
-        v = panel.valid[idx]
-        a = daily_ic(pred[idx], panel.ret[idx], v)
-        r = daily_rank_ic(pred[idx], panel.ret[idx], v)
+    """Valid/test metrics over ALL days of the panel, each rank scoring its share of days.
+
+    Scored against the raw return ``ret``: IC, ICIR, Rank IC, Rank ICIR of the prior's forecast.
+    Diagnostics, from the labels the model trains on: ``rank_ic_post`` (the posterior's
+    reconstruction, which sees the day's returns: far above the forecast when the posterior is
+    informative), ``kl_per_factor`` (mean nats per day), ``active_factors`` (mean KL above
+    ACTIVE_KL) and ``common_share`` (Σ β² σ_z² / Σ (β² σ_z² + σ_α²) over stock-days: the share of
+    predicted variance the factors carry).
+    """
+    model.eval()
+    dev, D, K = panel.feat.device, panel.num_days, model.cfg.num_factors
+    mine = np.arange(D)[d.rank::d.world_size]
+    # per day: ic, rank ic, posterior rank ic, defined, covered, common var, idio var; then K KL columns
+    acc = torch.zeros(D, 7 + K, dtype=torch.float64, device=dev)
+    for i in range(0, len(mine), batch_days):
+        b = panel.batch(mine[i:i + batch_days])
+        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=bf16 and dev.type == "cuda"):
+            g = model.diagnose(b.x, b.y, b.mask)
+        a = daily_ic(g.mu_prior.float(), b.ret, b.mask)
+        r = daily_rank_ic(g.mu_prior.float(), b.ret, b.mask)
+        rp = daily_rank_ic(g.mu_post.float(), b.y, b.mask)
         ok = torch.isfinite(a) & torch.isfinite(r)
-        ic[idx] = torch.where(ok, a, 0.0)
-        ric[idx] = torch.where(ok, r, 0.0)
-        defined[idx] = ok.double()
-    covered = torch.zeros_like(ic)
-    covered[idx] = 1.0
-    for t in (ic, ric, defined, covered):
-        d.all_reduce(t)
-    nan = torch.full_like(ic, math.nan)
-    res = summarize(torch.where(defined > 0, ic, nan), torch.where(defined > 0, ric, nan))
-    res["days_covered"] = int(covered.sum().item())
+        acc[b.day] = torch.cat([torch.stack([torch.where(ok, a, 0.0), torch.where(ok, r, 0.0),
+                                             torch.nan_to_num(rp), ok.double(), torch.ones_like(a),
+                                             g.common_var.sum(1), g.idio_var.sum(1)], 1).double(),
+                                g.kl.double()], 1)
+    d.all_reduce(acc)
+    defined = acc[:, 3] > 0
+    nan = torch.full_like(acc[:, 0], math.nan)
+    res = summarize(torch.where(defined, acc[:, 0], nan), torch.where(defined, acc[:, 1], nan))
+    res["days_covered"] = int(acc[:, 4].sum().item())
+    res["rank_ic_post"] = float(acc[defined, 2].mean().item()) if defined.any() else math.nan
+    kl = acc[:, 7:].mean(0)  # (K,)
+    res["kl_per_factor"] = [float(v) for v in kl.tolist()]
+    res["active_factors"] = int((kl > ACTIVE_KL).sum().item())
+    res["common_share"] = float((acc[:, 5].sum() / (acc[:, 5] + acc[:, 6]).sum().clamp_min(1e-30)).item())
     return res
 
 
@@ -575,6 +602,11 @@ def load_state(path: Path) -> dict[str, Any]:
     return torch.load(f, map_location="cpu", weights_only=False)
 
 
+def kl_weight(tcfg: TrainConfig, epoch: int) -> float:
+    """The share of γ applied in ``epoch``: (epoch + 1) / E over the first E = kl_warmup_epochs, then 1."""
+    return min(1.0, (epoch + 1) / tcfg.kl_warmup_epochs) if tcfg.kl_warmup_epochs else 1.0
+
+
 def fit(cfg: Config, *, data: Path, out: Path, d: Dist, report: Reporter | None = None,
         resume: dict[str, Any] | None = None,
         on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
@@ -617,7 +649,8 @@ def fit(cfg: Config, *, data: Path, out: Path, d: Dist, report: Reporter | None 
     train_epochs(step, epochs=range(start, tcfg.epochs), batches=lambda e: day_batches(cfg, train_p, e),
                  validate=lambda: evaluate_panel(run.model, valid_p, d, batch_days=tcfg.eval_batch_days, bf16=tcfg.bf16),
                  stopper=stopper, history=history, model=run.model, d=d, sched=run.sched, nonfinite=tcfg.nonfinite,
-                 max_skipped_fraction=tcfg.max_skipped_fraction, after_epoch=after_epoch)
+                 max_skipped_fraction=tcfg.max_skipped_fraction, days_per_step=cfg.data.batch_days,
+                 before_epoch=lambda e: run.model.kl_scale.fill_(kl_weight(tcfg, e)), after_epoch=after_epoch)
     if report is not None and history and history[-1]["epoch"] < start:
         # resumed with nothing left to train: report the last epoch again, so that a caller
         # waiting for metrics (a Tune trial restored after its run had finished) gets them
@@ -641,13 +674,19 @@ def _announce(cfg: Config, train_p: Panel, valid_p: Panel, d: Dist) -> None:
           f"{' (non-overlapping)' if cfg.data.non_overlap else ''}"
           f"{f'; day_fraction={frac}: {frac:.0%} of training days per epoch' if frac < 1 else ''}; "
           f"world_size={d.world_size}, device={d.device}", flush=True)
+    if train_p.incomplete_days:
+        print(f"[fvae] the first {train_p.incomplete_days} training days have no complete {train_p.lookback}-day "
+              "window (the shards hold no history before the train segment; re-export to include it): "
+              "they are left out", flush=True)
 
 
 def _print_epoch(row: dict[str, Any], *, epochs: int) -> None:
     skipped = row["skipped_steps"]
     print(f"[fvae] epoch {row['epoch'] + 1}/{epochs} loss {row['loss']:.4f} (nll {row['nll']:.4f} "
           f"kl {row['kl']:.4f}) valid IC {row['valid_ic']:.4f} RankIC {row['valid_rank_ic']:.4f} "
-          f"RankICIR {row['valid_rank_icir']:.3f} [{row['seconds']:.1f}s"
+          f"RankICIR {row['valid_rank_icir']:.3f} | posterior RankIC {row['valid_rank_ic_post']:.3f}, "
+          f"{row['valid_active_factors']} active factors, common variance {row['valid_common_share']:.0%} "
+          f"[{row['seconds']:.1f}s"
           f"{f', {skipped} skipped' if skipped else ''}]", flush=True)
 
 
@@ -664,7 +703,10 @@ def write_run_outputs(model: FactorVAE, cfg: Config, meta: Meta, *, data: Path, 
         pred = predict_panel(model, panel, batch_days=cfg.train.eval_batch_days, bf16=cfg.train.bf16)
         res = summarize(daily_ic(pred["mu"], panel.ret, panel.valid), daily_rank_ic(pred["mu"], panel.ret, panel.valid))
         metrics[seg] = res
+        metrics.setdefault("risk", {})[seg] = risk_bias(panel, pred, seed=cfg.train.seed)
         write_predictions(out, seg, panel, pred)
+        if seg == "valid" and (data / TRUTH_FILE).is_file():
+            metrics["factor_recovery"] = {seg: factor_recovery(model, data, meta, panel, pred, cfg=cfg)}
     metrics.update({"best_epoch": best["epoch"], "epochs_run": len(history), "history": history,
                     "data": str(data), "fingerprint": meta.fingerprint})
     if "ceiling_rank_ic" in meta.extra:
@@ -675,6 +717,51 @@ def write_run_outputs(model: FactorVAE, cfg: Config, meta: Meta, *, data: Path, 
           + (f" | test RankIC {metrics['test']['rank_ic']:.4f} RankICIR {metrics['test']['rank_icir']:.3f}"
              if "test" in metrics else "") + f" -> {out}", flush=True)
     return {k: metrics[k] for k in ("valid", "test") if k in metrics}
+
+
+def risk_bias(panel: Panel, pred: dict[str, torch.Tensor], *, seed: int) -> dict[str, float]:
+    """Bias statistics of the predicted covariance on the segment's labels (``fvae.risk``)."""
+    from fvae.risk import bias_statistics
+
+    n = lambda t: t.detach().cpu().numpy()  # noqa: E731
+    return bias_statistics(y=n(panel.label), valid=n(panel.valid), mu=n(pred["mu"]), beta=n(pred["beta"]),
+                           sigma_z=n(pred["sigma_z"]), sigma_alpha=n(pred["sigma_alpha"]), seed=seed)
+
+
+@torch.no_grad()
+def posterior_factors(model: FactorVAE, panel: Panel, *, batch_days: int = 64) -> torch.Tensor:
+    """μ_post (D, K): the posterior factor means of every day of the panel (it reads the labels)."""
+    model.eval()
+    out = torch.zeros(panel.num_days, model.cfg.num_factors, device=panel.feat.device)
+    for i in range(0, panel.num_days, batch_days):
+        b = panel.batch(np.arange(i, min(i + batch_days, panel.num_days)))
+        out[b.day] = model.diagnose(b.x, b.y, b.mask).mu_z_post.float()
+    return out
+
+
+def factor_recovery(model: FactorVAE, data: Path, meta: Meta, panel: Panel, pred: dict[str, torch.Tensor], *,
+                    cfg: Config) -> dict[str, Any]:
+    """On a synthetic market, how well the planted factors are recovered (``fvae.risk``): canonical
+    correlations of the posterior μ_post and of the prior μ_z with the true z_t, next to an oracle's
+    (the label regressed on the true β), and the R² of the true β on the learnt β."""
+    from fvae.risk import beta_span_r2, canonical_correlations, oracle_factors
+
+    k_true = int(meta.extra["generator"]["factors"])
+    cols = tuple(f"beta_true_{k}" for k in range(k_true))
+    truth = load_panel(data, panel.name, meta=meta, extra_columns=cols)
+    z = pd.read_parquet(data / TRUTH_FILE).set_index("datetime").reindex(panel.dates)
+    z_true = z[[f"z_true_{k}" for k in range(k_true)]].to_numpy(np.float64)
+    valid = truth.valid.numpy()
+    beta_true = np.stack([truth.extra[c].numpy() for c in cols], -1)
+    oracle = oracle_factors(truth.label.numpy(), valid, beta_true)
+    ok = np.isfinite(oracle).all(1) & np.isfinite(z_true).all(1)
+    post = posterior_factors(model, panel, batch_days=cfg.train.eval_batch_days).cpu().numpy()
+    prior = pred["mu_z"].cpu().numpy()
+    res = {"canonical_corr_posterior": canonical_correlations(post[ok], z_true[ok]).tolist(),
+           "canonical_corr_prior": canonical_correlations(prior[ok], z_true[ok]).tolist(),
+           "canonical_corr_oracle": canonical_correlations(oracle[ok], z_true[ok]).tolist(),
+           "beta_r2": beta_span_r2(beta_true, pred["beta"].cpu().numpy(), valid), "days": int(ok.sum())}
+    return res
 
 
 def write_predictions(out: Path, seg: str, panel: Panel, pred: dict[str, torch.Tensor]) -> None:
@@ -705,7 +792,7 @@ def _plot_curves(history: list[dict], path: Path) -> None:
     plt = pyplot()
 
     ep = [h["epoch"] + 1 for h in history]
-    fig, ax = plt.subplots(1, 3, figsize=(13, 3.4))
+    fig, ax = plt.subplots(1, 4, figsize=(17, 3.4))
     ax[0].plot(ep, [h["nll"] for h in history], label="NLL")
     ax[0].plot(ep, [h["kl"] for h in history], label="KL")
     ax[0].set_title("training loss parts")
@@ -714,8 +801,20 @@ def _plot_curves(history: list[dict], path: Path) -> None:
     ax[1].plot(ep, [h["valid_ic"] for h in history], label="IC")
     ax[1].set_title("validation IC")
     ax[1].legend()
+    if "valid_rank_ic_post" in history[0]:
+        ax[1].plot(ep, [h["valid_rank_ic_post"] for h in history], label="posterior Rank IC (label)", ls="--")
+        ax[1].legend()
     ax[2].plot(ep, [h["valid_rank_icir"] for h in history])
     ax[2].set_title("validation Rank ICIR")
+    kl = np.array([h.get("valid_kl_per_factor", []) for h in history], dtype=float)
+    if kl.ndim == 2 and kl.shape[1]:
+        for k in range(kl.shape[1]):
+            ax[3].plot(ep, kl[:, k], label=f"z{k}")
+        ax[3].axhline(ACTIVE_KL, color="grey", ls=":", lw=1)
+        ax[3].set_yscale("log")
+        ax[3].set_title(f"validation KL per factor ({history[-1].get('valid_active_factors', '?')} active)")
+        if kl.shape[1] <= 8:
+            ax[3].legend(fontsize=7)
     for a in ax:
         a.set_xlabel("epoch")
         a.grid(alpha=0.3)
@@ -728,6 +827,7 @@ class _TensorBoard:
     """Per-epoch scalars plus an hparams record whose metrics are the validation scalars."""
 
     METRICS = ("valid/rank_icir", "valid/rank_ic", "valid/ic", "valid/icir")
+    DIAGNOSTICS = ("valid/rank_ic_post", "valid/active_factors", "valid/common_share")
 
     def __init__(self, logdir: Path, cfg: Config) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -749,10 +849,12 @@ class _TensorBoard:
         for k in ("loss", "nll", "kl"):
             self.w.add_scalar(f"train/{k}", row[k], e)
         self.w.add_scalar("train/lr", row["lr"], e)
-        for m in self.METRICS:
-            v = row[m.replace("/", "_")]
+        for m in self.METRICS + self.DIAGNOSTICS:
+            v = row.get(m.replace("/", "_"), math.nan)
             if math.isfinite(v):
                 self.w.add_scalar(m, v, e)
+        for k, v in enumerate(row.get("valid_kl_per_factor", [])):
+            self.w.add_scalar(f"valid/kl_factor_{k}", v, e)
         self.w.flush()
 
     def close(self, result: dict) -> None:
@@ -840,8 +942,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         resume = load_state(out / "checkpoints" / "last")
 
     def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
-        clean = {k: (v if not (isinstance(v, float) and not math.isfinite(v)) else None) for k, v in metrics.items()}
-        clean = {k: v for k, v in clean.items() if v is not None}
+        # Tune's results take scalars: lists (kl_per_factor) stay in metrics.json; NaN is left out
+        clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
         if checkpoint_dir is not None:
             ray.train.report(clean, checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint_dir)))
         else:

@@ -55,7 +55,7 @@ def test_synthetic_ceiling_is_the_true_expected_return():
 def test_synthetic_sizes_scale(tmp_path):
     """An A-share-sized cross-section (3,500 stocks) generates in a bounded way."""
     df, truth = generate(SyntheticConfig(stocks=3500, days=60, seed=0))
-    assert truth["active"].shape == (60, 3500)
+    assert truth["active"].shape == (60 + 19, 3500)  # 60 segment days and T-1 = 19 of history
     assert df["instrument"].nunique() > 3000
 
 
@@ -239,6 +239,84 @@ def test_every_day_once_and_windows_disjoint():
                 assert len(b) <= B
                 gaps = np.diff(np.sort(b))
                 assert (gaps >= T).all(), (D, T, B, b)
+
+
+def test_every_training_window_is_exactly_its_own_past(tiny_market):
+    """Daily layout: the synthetic market writes T-1 days of history before the train segment, so every
+    window of every training day, the first included, is the stock's own previous T days (0 where it
+    was not listed), never rows from elsewhere in the panel."""
+    meta = read_meta(tiny_market)
+    panel = load_panel(tiny_market, "train")
+    T, C = meta.lookback, meta.channels
+    assert panel.incomplete_days == 0 and panel.history == T - 1
+    rows = pd.concat([pd.read_parquet(tiny_market / s["file"]) for s in meta.shards])
+    dates = pd.DatetimeIndex(sorted(rows["datetime"].unique()))
+    first = dates.get_loc(panel.dates[0])
+    assert first == T - 1  # the history rows are there, before the segment
+    cube = np.zeros((len(dates), len(panel.instruments), C), dtype=np.float32)
+    rows = rows[rows["instrument"].isin(panel.instruments)]
+    cube[dates.get_indexer(rows["datetime"]), np.searchsorted(panel.instruments, rows["instrument"])] = \
+        rows[meta.feature_names].to_numpy(np.float32)
+    for a in range(0, panel.num_days, 50):
+        b = panel.batch(np.arange(a, min(a + 50, panel.num_days)))
+        for i, d in enumerate(b.day.tolist()):
+            real = b.mask[i]
+            want = cube[first + d - T + 1: first + d + 1][:, b.stock[i][real].numpy()]  # (T, n, C)
+            assert np.array_equal(b.x[i][real].numpy(), want.transpose(1, 0, 2)), d
+
+
+def test_shards_without_history_leave_incomplete_days_out(tmp_path):
+    """Shards that start on the first training day (written before history was exported): the first
+    T-1 days have no complete window, so they are not samples, and the panel never indexes before row 0."""
+    src = tmp_path / "src"
+    write_synthetic(src, SyntheticConfig(stocks=30, days=120, seed=2, lookback=10))
+    meta = read_meta(src)
+    rows = pd.concat([pd.read_parquet(src / s["file"]) for s in meta.shards])
+    rows = rows[rows["datetime"] >= pd.Timestamp(meta.segments["train"][0])]
+    bare = write_shards(tmp_path / "bare", rows, dataclasses.replace(meta))
+    panel = load_panel(tmp_path / "bare", "train", meta=bare)
+    assert panel.incomplete_days == 9 and not panel.valid[:9].any() and panel.valid[9].any()
+    assert (panel.batch(np.arange(9)).x == 0).all()  # the padding in front, not late-training rows
+    full = load_panel(src, "train")
+    b, f = panel.batch(np.array([9, 60])), full.batch(np.array([9, 60]))
+    assert torch.equal(b.x, f.x) and torch.equal(b.mask, f.mask)
+
+
+def test_batches_change_between_epochs_when_groups_fit_one_batch():
+    """S&P 500 Alpha360-like: D = 1,760 days, T = 60, B = 32, so a residue class mod T (about 29
+    days) fits one batch. The grouping is drawn afresh each epoch, so the batches differ as sets."""
+    sets = [{frozenset(b.tolist()) for b in epoch_batches(1760, batch_days=32, lookback=60, seed=0, epoch=e)}
+            for e in range(4)]
+    for a, b in zip(sets, sets[1:]):
+        assert len(a & b) <= len(a) // 4, len(a & b)
+    for s in sets:
+        assert sorted(d for b in s for d in b) == list(range(1760))
+        assert all((np.diff(sorted(b)) >= 60).all() for b in s)
+
+
+def test_every_day_weighs_the_same_whatever_its_batch():
+    """train_epoch divides a step's summed loss by the nominal batch size, so a day in a short batch
+    counts as much as a day in a full one: the weight each day gets over an epoch is 1/B for all."""
+    from fvae.train import Dist, Objective, train_epoch
+
+    class Recorder:  # a Step that records what train_epoch asks of it
+        objective = Objective(names=("loss",), terms=lambda net, b: b.y[None])
+        net = torch.nn.Identity()
+        optim = None
+
+        def __init__(self) -> None:
+            self.weight: dict[int, float] = {}
+
+        def step(self, days, weight, *, global_days):
+            for d, w in zip(days.tolist(), weight.tolist()):
+                self.weight[d] = self.weight.get(d, 0.0) + w / global_days
+            return True, torch.tensor([0.0, float(np.sum(weight))])
+
+    batches = epoch_batches(2500, batch_days=32, lookback=60, seed=0, epoch=1)
+    assert min(map(len, batches)) < max(map(len, batches))  # short batches exist
+    rec = Recorder()
+    train_epoch(rec, batches, d=Dist(), days_per_step=32)
+    assert len(rec.weight) == 2500 and set(rec.weight.values()) == {1 / 32}
 
 
 def test_batches_depend_on_epoch_and_seed_only():

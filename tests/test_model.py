@@ -21,7 +21,8 @@ from fvae.model import (
 C, T = 5, 6
 SMALL = dict(hidden_size=16, num_factors=4, num_portfolios=8)
 CONFIGS = {
-    "paper": ModelConfig(**SMALL),
+    "paper": ModelConfig(**SMALL, objective="paper"),
+    "elbo": ModelConfig(**SMALL, objective="elbo", free_bits=0.01),
     "gat_cond": ModelConfig(**SMALL, gat_layers=2, gat_heads=4, conditional_posterior=True, attn_heads=2),
 }
 
@@ -73,7 +74,15 @@ def test_shapes(name):
         v = getattr(pred, f)
         assert torch.isfinite(v).all()
         assert (v[~mask] == 0).all(), f"{f} not 0 at padding"
-    torch.testing.assert_close(parts.loss, parts.nll + CONFIGS[name].gamma * parts.kl)
+    cfg = CONFIGS[name]
+    if cfg.objective == "paper":
+        torch.testing.assert_close(parts.loss, parts.nll + cfg.gamma * parts.kl)
+    else:  # the ELBO per stock: the day's KL (with its free-bits floor) shared by its N stocks
+        with torch.no_grad():
+            e = model._features(x, mask)
+            kl_k = gaussian_kl(*model.encoder(e, y, mask), *model.predictor(e, mask))
+        penalty = kl_k.clamp(min=cfg.free_bits).sum(-1)
+        torch.testing.assert_close(parts.loss, parts.nll + cfg.gamma * penalty / mask.sum(1))
     assert model.portfolio_weights(x, mask).shape == (B, N, CONFIGS[name].num_portfolios)
 
 
@@ -170,7 +179,29 @@ def test_nll_matches_torch_normal():
         torch.testing.assert_close(sigma_y**2, sigma_alpha**2 + torch.einsum("bnk,bk->bn", beta**2, sigma_post**2))
         ref = -torch.distributions.Normal(mu_y, sigma_y).log_prob(y)
         ref = torch.stack([ref[b][mask[b]].mean() for b in range(mask.shape[0])])
+        model.cfg = dataclasses.replace(model.cfg, objective="paper")
         torch.testing.assert_close(model(x, y, mask).nll, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_elbo_nll_is_the_expectation_over_one_shared_z():
+    """The ELBO's reconstruction term in closed form equals a Monte Carlo average over draws of ONE z
+    per day, shared by its stocks: E_z[mean_i −log N(y_i | μ_α,i + β_i z, σ_α,i²)], z ~ N(μ_post, σ_post²)."""
+    model = make_model("gat_cond")
+    x, y, mask = make_batch()
+    with torch.no_grad():
+        e = model._features(x, mask)
+        mu_post, sigma_post = model.encoder(e, y, mask)
+        mu_alpha, sigma_alpha, beta = model.decoder(e)
+        g = torch.Generator().manual_seed(0)
+        S = 200_000
+        z = mu_post[None] + sigma_post[None] * torch.randn(S, *mu_post.shape, generator=g, dtype=torch.float64)
+        mean = mu_alpha[None] + torch.einsum("bnk,sbk->sbn", beta.double(), z)  # (S, B, N)
+        ll = -torch.distributions.Normal(mean, sigma_alpha.double()[None]).log_prob(y.double()[None]).mean(0)
+        mc = torch.stack([ll[b][mask[b]].mean() for b in range(mask.shape[0])])
+        assert torch.allclose(model(x, y, mask).nll.double(), mc, rtol=2e-3)
+        # a z shared by the stocks is not the paper's per-stock marginal
+        model.cfg = dataclasses.replace(model.cfg, objective="paper")
+        assert not torch.allclose(model(x, y, mask).nll.double(), mc, rtol=2e-3)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

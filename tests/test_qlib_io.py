@@ -319,9 +319,16 @@ def test_alpha158_export_through_qlib_engine(panel: pd.DataFrame, qdir: Path, tm
     _, names = Alpha158DL.get_feature_config()
     assert meta.feature_names == list(names) + ["RET1"] and len(names) == 158
     assert (meta.layout, meta.lookback, meta.channels) == ("daily", 10, 159)
-    got = pd.read_parquet(tmp_path / "a158" / meta.shards[0]["file"])
+    got = pd.concat([pd.read_parquet(tmp_path / "a158" / s["file"]) for s in meta.shards])
     assert list(got.columns) == ["datetime", "instrument", *meta.feature_names, "label", "ret"]
     assert sorted(got["instrument"].unique()) == sorted(TINY)
+    # the daily layout's history: the T-1 = 9 trading days before the train segment are exported too,
+    # so the first training window is complete
+    before = got.loc[got["datetime"] < pd.Timestamp(seg["train"][0]), "datetime"].unique()
+    assert len(before) == 9
+    from fvae.data.loader import load_panel
+
+    assert load_panel(tmp_path / "a158", "train").incomplete_days == 0
     # known answers from the input panel: the extra feature's train median, the raw label
     close = _on_calendar(panel, TINY)
     ret1 = _long(close / close.shift(1) - 1)

@@ -283,3 +283,161 @@ def test_backtest_beside_a_search_is_the_one_reported(tiny_run, tmp_path):
     (empty / "summary.json").write_text(json.dumps({"trials": [], "best": None}))
     with pytest.raises(bt.DataError, match="no best trial yet"):
         bt.resolve_predictions(empty)
+
+
+def _section(page: str, sid: str) -> str:
+    return page.split(f'<section id="{sid}">')[1].split("</section>")[0]
+
+
+def _bare_run(tiny_run: Path, tmp: Path, edit: object = None) -> tuple[Path, dict]:
+    """A run directory with only (a possibly edited copy of) the tiny run's metrics.json: the risk and
+    posterior sections need nothing else, and no backtest or factor analysis runs."""
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    if edit is not None:
+        edit(metrics)
+    run = tmp / "bare_run"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    return run, metrics
+
+
+PLANTED = {"valid": {"canonical_corr_posterior": [0.9123, 0.5432], "canonical_corr_prior": [0.4567, 0.1234],
+                     "canonical_corr_oracle": [0.9876, 0.8765, 0.7654], "beta_r2": 0.6789, "days": 59}}
+
+
+def test_risk_posterior_and_recovery_tables_show_the_runs_numbers(tiny_run, tmp_path):
+    def ensure_recovery(m: dict) -> None:  # a run from before factor_recovery: plant one
+        m.setdefault("factor_recovery", PLANTED)
+
+    run, metrics = _bare_run(tiny_run, tmp_path, ensure_recovery)
+    page = rp.build_report(run, out=tmp_path / "r.html", progress=False).read_text()
+    assert [s for s in rp.SECTIONS if f'<section id="{s}">' not in page] == []
+    assert '<a href="#risk">' in page and '<a href="#posterior">' in page
+
+    # risk: one row per segment with the run's own bias statistics, marked when outside [0.8, 1.25]
+    risk = _section(page, "risk")
+    assert '<table class="risk">' in risk and "&gt; 1 that risk is under-predicted" in risk
+    for seg in ("valid", "test"):
+        r = metrics["risk"][seg]
+        row = re.search(rf"<tr><td>{seg}</td>(.*?)</tr>", risk).group(1)
+        cells = re.findall(r"<td( class=\"off\")?>(.*?)</td>", row)
+        assert len(cells) == 4
+        for (off, text), key in zip(cells, ("random", "factor", "mean_variance")):
+            v = r[key]
+            assert f"{v:.3f}" in text, (seg, key)
+            assert bool(off) == (not 0.8 <= v <= 1.25), (seg, key, v)
+        assert cells[3][1] == str(r["days"])
+
+    # posterior: one row per epoch, the forecast's and the posterior's Rank IC, the verdict at the best epoch
+    post = _section(page, "posterior")
+    hist = metrics["history"]
+    rows = re.findall(r"<tr><td>(\d+)( \(best\))?</td><td>(.*?)</td><td>(.*?)</td><td>(.*?)</td>",
+                      post.split('<table class="posterior">')[1])
+    assert [int(r[0]) for r in rows] == [h["epoch"] + 1 for h in hist]
+    for r, h in zip(rows, hist):
+        assert r[2:] == (f"{h['valid_rank_ic']:.4f}", f"{h['valid_rank_ic_post']:.4f}", str(h["valid_active_factors"]))
+        assert bool(r[1]) == (h["epoch"] == metrics["best_epoch"])
+    best = next(h for h in hist if h["epoch"] == metrics["best_epoch"])
+    k, active = len(best["valid_kl_per_factor"]), best["valid_active_factors"]
+    verdict = (f"Posterior collapsed: 0 of {k} factors active" if active == 0
+               else f"{active} of {k} factors active at the best epoch")
+    assert verdict in post
+    assert f"{100 * best['valid_common_share']:.2f}%" in post
+    assert post.count("<img") == 1 and "KL per factor" in post
+
+    # factor recovery: one row per canonical pair, posterior / prior / oracle side by side, β R²
+    fr = metrics["factor_recovery"]["valid"]
+    table = post.split('<table class="recovery">')[1].split("</table>")[0]
+    n = max(len(fr[c]) for c in ("canonical_corr_posterior", "canonical_corr_prior", "canonical_corr_oracle"))
+    pairs = re.findall(r"<tr><td>pair (\d+)</td><td>(.*?)</td><td>(.*?)</td><td>(.*?)</td></tr>", table)
+    assert len(pairs) == n
+    for i, (_, *got) in enumerate(pairs):
+        for g, col in zip(got, ("canonical_corr_posterior", "canonical_corr_prior", "canonical_corr_oracle")):
+            assert g == (f"{fr[col][i]:.3f}" if i < len(fr[col]) else "–"), (i, col)
+    assert f"<b>{fr['beta_r2']:.3f}</b>" in post
+
+
+def test_planted_values_are_marked_and_a_collapse_is_called_one(tiny_run, tmp_path):
+    def edit(m: dict) -> None:
+        m["risk"] = {"valid": {"random": 0.5, "factor": 1.0, "mean_variance": 2.0, "days": 11},
+                     "test": {"random": None, "factor": 1.25, "mean_variance": 0.8, "days": 0}}
+        m["factor_recovery"] = PLANTED
+        for h in m["history"]:
+            h["valid_active_factors"] = 0
+            h["valid_kl_per_factor"] = [0.0, 0.001, 0.002]
+
+    run, _ = _bare_run(tiny_run, tmp_path, edit)
+    page = rp.build_report(run, out=tmp_path / "r.html", progress=False).read_text()
+    risk = _section(page, "risk")
+    assert risk.count('class="off"') == 2  # 0.5 and 2.0; the band's edges 0.8 and 1.25 are fine
+    assert '<td class="off"><span title="risk over-predicted">0.500 ▼</span></td>' in risk
+    assert '<td class="off"><span title="risk under-predicted">2.000 ▲</span></td>' in risk
+    assert "<td>1.000</td>" in risk and "<td>–</td>" in risk  # an undefined statistic (null) is a dash
+    assert "2 bias statistics outside [0.8, 1.25]" in risk
+    post = _section(page, "posterior")
+    assert '<p class="verdict bad">Posterior collapsed: 0 of 3 factors active' in post
+    assert "<td>pair 3</td><td>–</td><td>–</td><td>0.765</td>" in post  # the oracle has a third pair
+    assert "<b>0.679</b>" in post
+
+
+def test_a_run_without_the_new_fields_still_renders(tiny_run, tmp_path):
+    new_keys = ("valid_rank_ic_post", "valid_kl_per_factor", "valid_active_factors", "valid_common_share")
+
+    def old(m: dict) -> None:
+        m.pop("risk", None)
+        m.pop("factor_recovery", None)
+        for h in m["history"]:
+            for k in new_keys:
+                h.pop(k, None)
+
+    run, metrics = _bare_run(tiny_run, tmp_path, old)
+    _baselines_file(run / "baselines.json", {"lightgbm": 0.0123})  # a file from before selected_by
+    page = rp.build_report(run, out=tmp_path / "old.html", progress=False).read_text()
+    for sid in rp.SECTIONS:
+        assert f'<section id="{sid}">' in page
+    risk, post = _section(page, "risk"), _section(page, "posterior")
+    assert '<table class="risk">' not in risk and "Not available because metrics.json has no bias statistics" in risk
+    assert '<table class="posterior">' not in post and "<img" not in post and "verdict" not in post
+    assert "no posterior diagnostics" in post
+    assert '<table class="recovery">' not in post and "no factor recovery" in post
+    assert "building this section failed" not in page
+    metrics_sec = _section(page, "metrics")
+    assert "selected by" not in metrics_sec and "lightgbm (test, 3 seeds)" in metrics_sec
+    assert f"{metrics['test']['rank_ic']:.4f}" in metrics_sec
+
+
+def test_baselines_table_has_a_selected_by_column(tmp_path):
+    path = _baselines_file(tmp_path / "run" / "baselines.json", {"linear": 0.0123, "lightgbm": 0.0456, "gru": 0.01})
+    data = json.loads(path.read_text())
+    data["selected_by"] = {"linear": "λ by valid Rank ICIR", "lightgbm": "rounds by valid L2 (qlib's rule)"}
+    path.write_text(json.dumps(data))
+    metrics = {"valid": {"ic": 0.01, "icir": 0.1, "rank_ic": 0.02, "rank_icir": 0.2, "days": 60},
+               "ceiling_rank_ic": {"test": 0.15}, "best_epoch": 0, "epochs_run": 1}
+    inp = rp.Inputs(source=path.parent, run_dir=path.parent, summary=None, metrics=metrics, data=None, notes={})
+    html = rp.section_metrics(inp, [path])
+    table = html.split('<table class="metrics">')[1].split("</table>")[0]
+    assert "<th>days</th><th>selected by</th></tr>" in table
+    rows = dict(re.findall(r"<tr><td>(.*?)</td>(?:<td>.*?</td>){5}<td>(.*?)</td></tr>", table))
+    assert rows["linear (valid, 3 seeds)"] == rows["linear (test, 3 seeds)"] == "λ by valid Rank ICIR"
+    assert rows["lightgbm (test, 3 seeds)"] == "rounds by valid L2 (qlib&#x27;s rule)"
+    assert rows["gru (test, 3 seeds)"] == "–"  # a model the file gives no rule for
+    assert rows["FactorVAE (valid)"] == "epoch by valid Rank ICIR" and rows["ceiling: true μ (test)"] == "–"
+    del data["selected_by"]
+    path.write_text(json.dumps(data))
+    table = rp.section_metrics(inp, [path]).split('<table class="metrics">')[1].split("</table>")[0]
+    assert "selected by" not in table and "epoch by valid Rank ICIR" not in table
+    assert re.search(r"<tr><td>linear \(test, 3 seeds\)</td>(<td>[^<]*</td>){5}</tr>", table)
+
+
+def test_a_long_history_is_tabulated_on_a_sample_of_epochs():
+    hist = [{"epoch": e, "valid_rank_ic": 0.01, "valid_rank_ic_post": 0.1, "valid_active_factors": 2,
+             "valid_common_share": 0.3, "valid_kl_per_factor": [0.1, 0.2]} for e in range(80)]
+    shown = rp._epoch_rows(hist, 37)
+    epochs = [h["epoch"] for h in shown]
+    assert len(shown) <= rp.MAX_EPOCH_ROWS and epochs == sorted(set(epochs))
+    assert {0, 37, 79} <= set(epochs)
+    assert rp._epoch_rows(hist[:10], 3) == hist[:10]
+    html = rp.section_posterior(rp.Inputs(source=Path("."), run_dir=None, summary=None,
+                                          metrics={"history": hist, "best_epoch": 37}, data=None, notes={}))
+    assert f"{len(shown)} of 80 epochs shown" in html and "<td>38 (best)</td>" in html
+    assert "2 of 2 factors active at the best epoch" in html

@@ -9,9 +9,11 @@ there); a batch is then a gather, with no file I/O per step:
     mask (B, N)      True for real stocks; padded entries of x and y are 0
 
 Non-overlapping batching: day d's window covers days d-T+1..d. Grouping days by
-d mod T and cutting each group into runs gives batches whose days are exactly T
-apart, so their windows never overlap, and every day lands in exactly one batch
-per epoch. Any subsampling of days (``day_fraction`` < 1) is explicit and
+d mod S for a stride S >= T drawn each epoch (with a random phase), and cutting
+each group into runs at a random start, gives batches whose days are S apart, so
+their windows never overlap; every day lands in exactly one batch per epoch, and
+the batches change from epoch to epoch. The training loop divides each batch's
+summed loss by the nominal batch size, so a day in a short batch weighs the same. Any subsampling of days (``day_fraction`` < 1) is explicit and
 reported, never a side effect of batching.
 
 Data-parallel sharding: each global batch is split across ranks (rank r takes
@@ -73,6 +75,7 @@ class Panel:
     valid: torch.Tensor  # (D, N) bool
     history: int = 0  # H
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # (D, N) extra columns
+    incomplete_days: int = 0  # first days whose window reaches before the shards' first row (not valid)
 
     @property
     def num_days(self) -> int:
@@ -83,7 +86,8 @@ class Panel:
         return Panel(name=self.name, layout=self.layout, lookback=self.lookback, channels=self.channels,
                      dates=self.dates, instruments=self.instruments, feat=move(self.feat),
                      label=move(self.label), ret=move(self.ret), valid=move(self.valid),
-                     history=self.history, extra={k: move(v) for k, v in self.extra.items()})
+                     history=self.history, extra={k: move(v) for k, v in self.extra.items()},
+                     incomplete_days=self.incomplete_days)
 
     def batch(self, days: np.ndarray | torch.Tensor, weight: np.ndarray | torch.Tensor | None = None) -> Batch:
         dev = self.feat.device
@@ -185,13 +189,24 @@ def load_panel(folder: str | Path, segment: str, *, meta: Meta | None = None,
 
     label, ret = dense("label"), dense("ret")
     valid = np.isfinite(label) & np.isfinite(ret)
+    incomplete = 0
+    if meta.layout == "daily" and H < T - 1:
+        # fewer than T-1 days of history before the segment (shards written before history was
+        # exported, or the data's first days): zero rows in front keep every index >= 0, and the
+        # days whose window would reach into them are not samples; nothing is made up
+        incomplete = T - 1 - H
+        feat = np.concatenate([np.zeros((incomplete, N, width), dtype=np.float32), feat])
+        valid[:incomplete] = False
+        H = T - 1
+        if not valid.any():
+            raise DataError(f"{folder}: segment '{segment}' has no day with a complete {T}-day window")
     if not valid.any():
         raise DataError(f"{folder}: segment '{segment}' has no finite labels")
     extra = {c: torch.from_numpy(np.nan_to_num(dense(c))) for c in extra_columns}
     return Panel(name=segment, layout=meta.layout, lookback=T, channels=C, dates=seg_dates,
                  instruments=instruments, feat=torch.from_numpy(feat),
                  label=torch.from_numpy(np.nan_to_num(label)), ret=torch.from_numpy(np.nan_to_num(ret)),
-                 valid=torch.from_numpy(valid), history=H, extra=extra)
+                 valid=torch.from_numpy(valid), history=H, extra=extra, incomplete_days=incomplete)
 
 
 def epoch_batches(num_days: int, *, batch_days: int, lookback: int, non_overlap: bool = True,
@@ -211,9 +226,12 @@ def epoch_batches(num_days: int, *, batch_days: int, lookback: int, non_overlap:
         return [days[i:i + batch_days] for i in range(0, len(days), batch_days)]
     batches: list[np.ndarray] = []
     if non_overlap and lookback > 1:
-        offset = int(rng.integers(lookback))  # so runs start at a different phase each epoch
-        for r in range(lookback):
-            group = days[(days + offset) % lookback == r]  # consecutive members are >= T apart
+        # a fresh grouping each epoch: a stride S in [T, 1.25 T] and a phase; with S = T always, a
+        # panel whose groups fit in one batch (D/T <= B) would repeat the same batches every epoch
+        stride = int(rng.integers(lookback, -(-5 * lookback // 4) + 1))
+        offset = int(rng.integers(stride))
+        for r in range(stride):
+            group = days[(days + offset) % stride == r]  # consecutive members are S >= T apart
             # days are a subsample when day_fraction < 1; runs stay >= T apart either way
             start = int(rng.integers(batch_days)) if len(group) > batch_days else 0
             cuts = [0, *range(start or batch_days, len(group), batch_days), len(group)]

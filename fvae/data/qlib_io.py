@@ -818,7 +818,8 @@ def export(*, provider_uri: str | Path, region: str, market: str, handler: str, 
            lookback: int = 20, extra_features: Sequence[str] = (), kernels: int = 1) -> Meta:
     """Compute ``handler``'s features and the label for ``market`` and write shards to ``out``.
 
-    Rows run from the first trading day of ``train`` to the last of ``test``;
+    Rows run from the first trading day of ``train`` to the last of ``test``, plus, for the daily
+    layout, the ``lookback`` − 1 trading days before ``train`` (history for the first windows);
     normalisation statistics come from the train rows only. ``lookback`` is the
     window the loader builds for the daily layout (Alpha158); Alpha360 rows are
     60-day windows already. ``kernels`` is qlib's worker count for the
@@ -834,7 +835,11 @@ def export(*, provider_uri: str | Path, region: str, market: str, handler: str, 
         raise DataError("--label: empty expression")
     qdir = open_qlib_dir(provider_uri, market)
     seg = check_segments(qdir.calendar, train=train, valid=valid, test=test)
-    raw = compute_raw(qdir, handler=handler, start=seg.train[0], end=seg.test[1], label=label,
+    # the daily layout's windows need T-1 trading days before the first training day: export them
+    # as history rows (outside every segment, normalised with the train statistics)
+    first = int(qdir.calendar.searchsorted(seg.train[0], "left"))
+    start = qdir.calendar[max(0, first - (lookback - 1))] if handler != "Alpha360" else seg.train[0]
+    raw = compute_raw(qdir, handler=handler, start=start, end=seg.test[1], label=label,
                       lookback=lookback, extra_features=extra_features, region=region, kernels=kernels)
     train_mask = (raw.datetime >= seg.train[0].to_datetime64()) & (raw.datetime <= seg.train[1].to_datetime64())
     if not train_mask.any():

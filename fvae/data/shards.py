@@ -38,6 +38,8 @@ import pyarrow.parquet as pq
 
 from fvae.io import atomic_write_bytes, atomic_write_json
 
+TRUTH_FILE = "truth.parquet"  # a synthetic market's realised factor returns z_t, beside its shards
+
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
 SHARD_DIR = "shards"

@@ -22,6 +22,11 @@ against. The noise σ_ε keeps that ceiling low (about 0.15), as in real markets
 
 Stocks enter and leave the cross-section: a share of them list late or delist
 early, so days have different N. Everything is a function of the seed.
+
+``days`` is the length of the three segments; T−1 more days are drawn before them
+and written as history, so the first training day's window is complete.
+The truth is written with the shards: ``beta_true_k`` columns (β per stock-day) in
+the shards, and ``truth.parquet`` (datetime, z_true_k: the realised factor returns).
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ from scipy.signal import lfilter
 from scipy.stats import rankdata
 
 from fvae.data.process import cs_rank_norm, process_features
-from fvae.data.shards import Meta, write_shards
+from fvae.data.shards import TRUTH_FILE, Meta, write_shards
+from fvae.io import atomic_to_parquet
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,7 +88,7 @@ def _rank_ic_by_day(pred: np.ndarray, y: np.ndarray, valid: np.ndarray) -> np.nd
 def generate(cfg: SyntheticConfig) -> tuple[pd.DataFrame, dict]:
     """Draw the panel. Returns (rows, truth) where rows has one row per active stock-day."""
     rng = np.random.default_rng(cfg.seed)
-    D, N, K, C, L = cfg.days, cfg.stocks, cfg.factors, cfg.channels, cfg.smooth
+    D, N, K, C, L = cfg.days + cfg.lookback - 1, cfg.stocks, cfg.factors, cfg.channels, cfg.smooth
     Cs = C - 1  # characteristic channels; the last channel is the previous return
 
     # latent characteristics: AR(1) per stock and channel, stationary with unit variance
@@ -135,11 +141,15 @@ def generate(cfg: SyntheticConfig) -> tuple[pd.DataFrame, dict]:
     df = pd.concat([df, feats], axis=1)
     df["ret"] = y[dd, nn]
     df["mu_true"] = mu_true[dd, nn]
-    truth = {"dates": dates, "active": active, "mu_true": mu_true, "y": y}
+    for k in range(K):
+        df[f"beta_true_{k}"] = beta[dd, nn, k].astype(np.float32)
+    truth = {"dates": dates, "active": active, "mu_true": mu_true, "y": y, "z": z, "beta": beta}
     return df, truth
 
 
 def segments_for(cfg: SyntheticConfig, dates: pd.DatetimeIndex) -> dict[str, list[str]]:
+    """Train, valid and test over the last ``cfg.days`` of ``dates`` (the T−1 before are history)."""
+    dates = dates[len(dates) - cfg.days:]
     D = len(dates)
     n_train = int(D * cfg.split[0])
     n_valid = int(D * cfg.split[1])
@@ -156,8 +166,9 @@ def write_synthetic(out: str | Path, cfg: SyntheticConfig) -> Meta:
     segments = segments_for(cfg, dates)
     feature_names = [f"F{c}" for c in range(cfg.channels)]
 
-    train_end = pd.Timestamp(segments["train"][1])
-    norm = process_features(df, feature_names, (df["datetime"] <= train_end).to_numpy())
+    train_start, train_end = (pd.Timestamp(t) for t in segments["train"])
+    in_train = (df["datetime"] >= train_start) & (df["datetime"] <= train_end)
+    norm = process_features(df, feature_names, in_train.to_numpy())
     df["label"] = cs_rank_norm(df["ret"], df["datetime"])
 
     ic = _rank_ic_by_day(truth["mu_true"], truth["y"], truth["active"])
@@ -173,4 +184,7 @@ def write_synthetic(out: str | Path, cfg: SyntheticConfig) -> Meta:
                 extra={"ceiling_rank_ic": ceiling,
                        "generator": {k: (list(v) if isinstance(v, tuple) else v)
                                      for k, v in cfg.__dict__.items()}})
+    z = pd.DataFrame(truth["z"], columns=[f"z_true_{k}" for k in range(cfg.factors)])
+    z.insert(0, "datetime", dates)
+    atomic_to_parquet(Path(out) / TRUTH_FILE, z)  # before meta.json, which completes the folder
     return write_shards(out, df, meta)

@@ -1,0 +1,72 @@
+"""The risk model's checks on known answers: bias statistics of a true covariance, canonical
+correlations, the oracle's factor returns and the β span."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fvae import risk
+
+
+def _planted(D=400, N=80, K=3, seed=0):
+    rng = np.random.default_rng(seed)
+    beta = rng.standard_normal((D, N, K))
+    sigma_z = np.tile([0.8, 0.5, 0.3], (D, 1))[:, :K]
+    sigma_alpha = np.exp(rng.uniform(-0.5, 0.5, (D, N)))
+    z = sigma_z * rng.standard_normal((D, K))
+    y = np.einsum("dnk,dk->dn", beta, z) + sigma_alpha * rng.standard_normal((D, N))
+    mu = 0.1 * rng.standard_normal((D, N))  # a forecast; the returns have mean 0 given it
+    return dict(y=y, valid=np.ones((D, N), bool), mu=mu, beta=beta, sigma_z=sigma_z, sigma_alpha=sigma_alpha), z
+
+
+def test_bias_statistics_are_one_for_the_true_covariance_and_scale_with_it():
+    m, _ = _planted()
+    b = risk.bias_statistics(**m)
+    assert b["days"] == 400
+    for name in ("random", "factor", "mean_variance"):
+        assert b[name] == pytest.approx(1.0, abs=0.1), (name, b)
+    # predicting twice the volatility everywhere halves every statistic
+    wide = risk.bias_statistics(**{**m, "sigma_z": 2 * m["sigma_z"], "sigma_alpha": 2 * m["sigma_alpha"]})
+    for name in ("random", "factor", "mean_variance"):
+        assert wide[name] == pytest.approx(b[name] / 2, rel=1e-6)
+    # a risk model without the factors under-predicts the factor-mimicking portfolios' risk
+    idio = risk.bias_statistics(**{**m, "sigma_z": 1e-6 * m["sigma_z"]})
+    assert idio["factor"] > 3 and idio["random"] > 1.2
+
+
+def test_mean_variance_solves_the_system():
+    rng = np.random.default_rng(1)
+    beta, sz, sa, mu = rng.standard_normal((30, 3)), np.array([0.5, 0.2, 0.1]), rng.uniform(0.5, 1, 30), \
+        rng.standard_normal(30)
+    cov = beta @ np.diag(sz**2) @ beta.T + np.diag(sa**2)
+    np.testing.assert_allclose(risk.mean_variance(mu, beta, sz, sa), np.linalg.solve(cov, mu), rtol=1e-8)
+    w = rng.standard_normal((4, 30))
+    np.testing.assert_allclose(risk.predicted_var(w, beta, sz, sa), np.einsum("pi,ij,pj->p", w, cov, w))
+
+
+def test_canonical_correlations_known_answers():
+    rng = np.random.default_rng(2)
+    z = rng.standard_normal((500, 3))
+    mix = z @ rng.standard_normal((3, 3)) + 5.0  # any invertible mix (and a shift) of the same factors
+    np.testing.assert_allclose(risk.canonical_correlations(mix, z), 1.0, atol=1e-9)
+    other = rng.standard_normal((500, 3))
+    assert risk.canonical_correlations(other, z).max() < 0.2
+    half = np.column_stack([z[:, 0], rng.standard_normal(500)])  # only one of the factors
+    cc = risk.canonical_correlations(half, z)
+    assert cc[0] == pytest.approx(1.0, abs=1e-9) and cc[1] < 0.2
+
+
+def test_oracle_recovers_noiseless_factors_up_to_the_daily_mean():
+    m, z = _planted(D=50, N=40)
+    y = np.einsum("dnk,dk->dn", m["beta"], z)
+    y = y - y.mean(1, keepdims=True)  # the label has no daily mean; the oracle demeans β the same way
+    np.testing.assert_allclose(risk.oracle_factors(y, m["valid"], m["beta"]), z, atol=1e-9)
+
+
+def test_beta_span_r2_is_one_for_a_rotation_and_low_for_noise():
+    m, _ = _planted(D=40, N=60)
+    rot = m["beta"] @ np.array([[1.0, 2.0, 0.0], [0.0, 1.0, -1.0], [3.0, 0.0, 1.0]])
+    assert risk.beta_span_r2(m["beta"], rot, m["valid"]) == pytest.approx(1.0, abs=1e-9)
+    noise = np.random.default_rng(3).standard_normal(m["beta"].shape)
+    assert risk.beta_span_r2(m["beta"], noise, m["valid"]) < 0.05
