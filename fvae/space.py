@@ -62,7 +62,8 @@ __all__ = ["MAX_COMBINATIONS", "METRICS", "SPACES_DIR", "Condition", "Param", "S
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 """Where the shipped spaces live; ``load_space("smoke")`` looks here."""
 
-METRICS = ("valid_rank_icir", "valid_rank_ic", "valid_icir", "valid_ic", "loss", "nll", "kl")
+METRICS = ("valid_rank_icir", "valid_rank_ic", "valid_icir", "valid_ic", "loss", "nll", "kl",
+           "valid_rank_ic_post", "valid_active_factors", "valid_common_share")
 """What ``metric:`` may name: results ``fvae.train.fit`` reports every epoch."""
 
 MAX_COMBINATIONS = 512

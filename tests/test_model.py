@@ -167,12 +167,9 @@ def test_nll_matches_torch_normal():
     torch.testing.assert_close(gaussian_nll(y, mu, sigma, mask), ref, atol=1e-6, rtol=1e-6)
 
     # and the model's nll is exactly that formula applied to the posterior reconstruction
-    model = make_model("gat_cond")
-    x, y, mask = make_batch()
+    model, (x, y, mask) = make_model("gat_cond"), make_batch()
     with torch.no_grad():
-        e = model._features(x, mask)
-        mu_post, sigma_post = model.encoder(e, y, mask)
-        mu_alpha, sigma_alpha, beta = model.decoder(e)
+        mu_post, sigma_post, mu_alpha, sigma_alpha, beta = _posterior_and_decoder(model, x, y, mask)
         mu_y, sigma_y = reconstruct(mu_alpha, sigma_alpha, beta, mu_post, sigma_post)
         # σ_y² = σ_α² + Σ β² σ_z², μ_y = μ_α + β μ_z
         torch.testing.assert_close(mu_y, mu_alpha + torch.einsum("bnk,bk->bn", beta, mu_post))
@@ -183,15 +180,18 @@ def test_nll_matches_torch_normal():
         torch.testing.assert_close(model(x, y, mask).nll, ref, atol=1e-5, rtol=1e-5)
 
 
+def _posterior_and_decoder(model, x, y, mask):
+    """μ_post, σ_post, μ_α, σ_α, β of one forward pass."""
+    e = model._features(x, mask)
+    return (*model.encoder(e, y, mask), *model.decoder(e))
+
+
 def test_elbo_nll_is_the_expectation_over_one_shared_z():
     """The ELBO's reconstruction term in closed form equals a Monte Carlo average over draws of ONE z
     per day, shared by its stocks: E_z[mean_i −log N(y_i | μ_α,i + β_i z, σ_α,i²)], z ~ N(μ_post, σ_post²)."""
-    model = make_model("gat_cond")
-    x, y, mask = make_batch()
+    model, (x, y, mask) = make_model("gat_cond"), make_batch()
     with torch.no_grad():
-        e = model._features(x, mask)
-        mu_post, sigma_post = model.encoder(e, y, mask)
-        mu_alpha, sigma_alpha, beta = model.decoder(e)
+        mu_post, sigma_post, mu_alpha, sigma_alpha, beta = _posterior_and_decoder(model, x, y, mask)
         g = torch.Generator().manual_seed(0)
         S = 200_000
         z = mu_post[None] + sigma_post[None] * torch.randn(S, *mu_post.shape, generator=g, dtype=torch.float64)
