@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -14,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from fvae import config as fconfig
-from fvae.train import Config
+from fvae.space import load_space
+from fvae.train import Config, load_state
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "search_spaces" / "smoke.yaml"
@@ -184,23 +186,36 @@ def test_resume_after_killing_the_driver(tiny_market, tmp_path, ray_cluster):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     state = json.loads(sorted((exp / "tune").glob("experiment_state-*.json"))[-1].read_text())
-    before = {p.parent.parent.parent.name: p.stat().st_mtime
-              for p in (exp / "trials").glob("*/checkpoints/last/state.pt")}
-    assert before and state
+    assert state
+
+    def files(tid: str) -> dict[str, tuple[float, str]]:
+        run = exp / "trials" / tid
+        paths = [run / "checkpoints" / "last" / "state.pt", run / "metrics.json"]
+        return {p.name: (p.stat().st_mtime, hashlib.sha256(p.read_bytes()).hexdigest()) for p in paths if p.exists()}
+
+    # the trials that had finished all their epochs before the kill, with their files as they were
+    epochs = load_space(SMOKE).fixed["train.epochs"]
+    finished = {p.parent.parent.parent.name for p in (exp / "trials").glob("*/checkpoints/last/state.pt")
+                if load_state(p)["epoch"] + 1 == epochs}
+    before = {tid: files(tid) for tid in finished}
+    assert before, "no trial had finished before the kill"
 
     out = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=_env(), timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     summary = json.loads((exp / "summary.json").read_text())
     ids = [t["trial_id"] for t in summary["trials"]]
     assert len(ids) == 5 and len(set(ids)) == 5
-    # trials that had finished before the kill were not run again
-    for tid, mtime in before.items():
+    # trials that had finished before the kill were not trained again: their checkpoint is the same
+    # file (mtime and content), and their metrics.json says the same (a trial Tune had not yet
+    # recorded as done may write it again on restore, from the same weights; the best trial's is
+    # rewritten by the summary with its test predictions)
+    for tid, was in before.items():
         t = next(t for t in summary["trials"] if t["trial_id"] == tid)
         assert t["status"] == "TERMINATED"
-        hist = json.loads((exp / "trials" / tid / "metrics.json").read_text())["history"] \
-            if (exp / "trials" / tid / "metrics.json").exists() else None
-        if hist is not None:
-            assert len(hist) <= 2
+        now = files(tid)
+        assert now["state.pt"] == was["state.pt"], tid
+        if "metrics.json" in was and tid != summary["best"]["trial_id"]:
+            assert now["metrics.json"][1] == was["metrics.json"][1], tid
 
 
 def test_ray_job_submit_against_a_local_cluster(tiny_market, tmp_path, ray_cluster):
