@@ -46,6 +46,7 @@ import pandas as pd
 
 from fvae.data.shards import DataError, read_meta, read_rows
 from fvae.io import atomic_write_json, pyplot
+from fvae.risk import risk_matvec
 
 TRADING_DAYS = 252
 STRATEGIES = ("topk", "mv")
@@ -316,11 +317,6 @@ def _prox_capped_simplex_l1(v: np.ndarray, p: np.ndarray, kappa: float, cap: flo
     return np.clip(soft, 0.0, cap)
 
 
-def _risk_matvec(w: np.ndarray, beta: np.ndarray, var_z: np.ndarray, var_a: np.ndarray) -> np.ndarray:
-    """Σ w with Σ = β diag(σ_z²) βᵀ + diag(σ_α²), never forming the n × n matrix: (n,)."""
-    return beta @ (var_z * (beta.T @ w)) + var_a * w
-
-
 def _fista(mu: np.ndarray, beta: np.ndarray, var_z: np.ndarray, var_a: np.ndarray, *, lam: float,
            cap: float, p: np.ndarray, kappa: float, w0: np.ndarray, step: float,
            max_iter: int, tol: float) -> np.ndarray:
@@ -328,7 +324,7 @@ def _fista(mu: np.ndarray, beta: np.ndarray, var_z: np.ndarray, var_a: np.ndarra
     w = w0.copy()
     y, t = w.copy(), 1.0
     for _ in range(max_iter):
-        grad = -mu + lam * _risk_matvec(y, beta, var_z, var_a)
+        grad = -mu + lam * risk_matvec(y, beta, var_z, var_a)
         w_new = _prox_capped_simplex_l1(y - step * grad, p, step * kappa, cap)
         if np.max(np.abs(w_new - w)) < tol:
             return w_new
@@ -426,7 +422,7 @@ def solve_mean_variance(mu: np.ndarray, beta: np.ndarray, sigma_z: np.ndarray, s
         else:
             b = m
     mix = w_hi + a * (w_lo - w_hi)
-    objective = lambda x: float(mu @ x - 0.5 * lam * x @ _risk_matvec(x, beta, var_z, var_a))  # noqa: E731
+    objective = lambda x: float(mu @ x - 0.5 * lam * x @ risk_matvec(x, beta, var_z, var_a))  # noqa: E731
     return mix if objective(mix) > objective(w_hi) else w_hi
 
 

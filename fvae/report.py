@@ -50,13 +50,13 @@ import pandas as pd
 
 from fvae.data.shards import DataError
 from fvae.io import atomic_write_text, pyplot
+from fvae.risk import ACTIVE_KL
 
 SECTIONS = ("metrics", "risk", "posterior", "equity", "drawdown", "factors", "search")
 METRIC_COLS = (("ic", "IC"), ("icir", "ICIR"), ("rank_ic", "Rank IC"), ("rank_icir", "Rank ICIR"))
 RUN_SELECTED_BY = "epoch by valid Rank ICIR"  # how fvae.train picks the run's best epoch (EarlyStopping)
 BIAS_COLS = (("random", "random long-short"), ("factor", "factor-mimicking"), ("mean_variance", "mean-variance"))
 BIAS_OK = (0.8, 1.25)  # a bias statistic outside this band marks a miscalibrated risk model
-ACTIVE_KL = 0.01  # fvae.train.ACTIVE_KL (not imported: fvae.train pulls in torch): nats/day of an active factor
 MAX_EPOCH_ROWS = 25  # a longer history is tabulated on evenly spaced epochs, plus the best and the last
 
 

@@ -24,12 +24,18 @@ from __future__ import annotations
 import numpy as np
 
 RANDOM_PORTFOLIOS = 16
+ACTIVE_KL = 0.01  # nats per day: a factor whose mean KL(q ‖ p) is below this carries no information
+
+
+def risk_matvec(w: np.ndarray, beta: np.ndarray, var_z: np.ndarray, var_a: np.ndarray) -> np.ndarray:
+    """Σ w with Σ = β diag(σ_z²) βᵀ + diag(σ_α²), never forming the n × n matrix: w (n,) or (n, P) → same shape."""
+    col = (slice(None),) + (None,) * (w.ndim - 1)  # var_z (K,) and var_a (n,) broadcast over w's columns
+    return beta @ (var_z[col] * (beta.T @ w)) + var_a[col] * w
 
 
 def predicted_var(w: np.ndarray, beta: np.ndarray, sigma_z: np.ndarray, sigma_alpha: np.ndarray) -> np.ndarray:
-    """wᵀ Σ w for portfolios w (P, N): Σ_k σ_z,k² (βᵀw)_k² + Σ_i σ_α,i² w_i²  → (P,)."""
-    exp = w @ beta  # (P, K)
-    return (exp**2 * sigma_z**2).sum(1) + (w**2 * sigma_alpha**2).sum(1)
+    """wᵀ Σ w for portfolios w (P, N) → (P,)."""
+    return (w.T * risk_matvec(w.T, beta, sigma_z**2, sigma_alpha**2)).sum(0)
 
 
 def mean_variance(mu: np.ndarray, beta: np.ndarray, sigma_z: np.ndarray, sigma_alpha: np.ndarray) -> np.ndarray:

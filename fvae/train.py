@@ -42,6 +42,7 @@ from fvae.data.shards import TRUTH_FILE, DataError, Meta, read_meta
 from fvae.io import atomic_to_parquet, atomic_to_pickle, atomic_torch_save, atomic_write_json, pyplot
 from fvae.metrics import daily_ic, daily_rank_ic, summarize
 from fvae.model import FactorVAE, ModelConfig
+from fvae.risk import ACTIVE_KL, beta_span_r2, bias_statistics, canonical_correlations, oracle_factors
 
 
 @dataclass(kw_only=True)
@@ -478,9 +479,6 @@ def predict_panel(model: FactorVAE, panel: Panel, *, days: np.ndarray | None = N
     return out
 
 
-ACTIVE_KL = 0.01  # nats per day: a factor whose mean KL(q ‖ p) is below this carries no information
-
-
 @torch.no_grad()
 def evaluate_panel(model: FactorVAE, panel: Panel, d: Dist, *, batch_days: int, bf16: bool = False) -> dict:
     """Valid/test metrics over ALL days of the panel, each rank scoring its share of days.
@@ -696,17 +694,21 @@ def write_run_outputs(model: FactorVAE, cfg: Config, meta: Meta, *, data: Path, 
     atomic_torch_save(out / "best.pt", {"model": model.state_dict(), "config": fconfig.to_dict(cfg),
                                         "fingerprint": meta.fingerprint, "num_features": meta.channels, "best": best})
     metrics: dict[str, Any] = {}
+    # a synthetic market's planted β, read with the validation panel for factor_recovery
+    truth = tuple(f"beta_true_{k}" for k in range(int(meta.extra["generator"]["factors"]))) \
+        if (data / TRUTH_FILE).is_file() else ()
     for seg in ("valid", "test"):
         if seg not in meta.segments:
             continue
-        panel = load_panel(data, seg, meta=meta, handler=cfg.data.handler).to(device)
+        extra = truth if seg == "valid" else ()
+        panel = load_panel(data, seg, meta=meta, handler=cfg.data.handler, extra_columns=extra).to(device)
         pred = predict_panel(model, panel, batch_days=cfg.train.eval_batch_days, bf16=cfg.train.bf16)
         res = summarize(daily_ic(pred["mu"], panel.ret, panel.valid), daily_rank_ic(pred["mu"], panel.ret, panel.valid))
         metrics[seg] = res
         metrics.setdefault("risk", {})[seg] = risk_bias(panel, pred, seed=cfg.train.seed)
         write_predictions(out, seg, panel, pred)
-        if seg == "valid" and (data / TRUTH_FILE).is_file():
-            metrics["factor_recovery"] = {seg: factor_recovery(model, data, meta, panel, pred, cfg=cfg)}
+        if extra:
+            metrics["factor_recovery"] = {seg: factor_recovery(model, data, panel, pred, truth=extra, cfg=cfg)}
     metrics.update({"best_epoch": best["epoch"], "epochs_run": len(history), "history": history,
                     "data": str(data), "fingerprint": meta.fingerprint})
     if "ceiling_rank_ic" in meta.extra:
@@ -721,8 +723,6 @@ def write_run_outputs(model: FactorVAE, cfg: Config, meta: Meta, *, data: Path, 
 
 def risk_bias(panel: Panel, pred: dict[str, torch.Tensor], *, seed: int) -> dict[str, float]:
     """Bias statistics of the predicted covariance on the segment's labels (``fvae.risk``)."""
-    from fvae.risk import bias_statistics
-
     n = lambda t: t.detach().cpu().numpy()  # noqa: E731
     return bias_statistics(y=n(panel.label), valid=n(panel.valid), mu=n(pred["mu"]), beta=n(pred["beta"]),
                            sigma_z=n(pred["sigma_z"]), sigma_alpha=n(pred["sigma_alpha"]), seed=seed)
@@ -739,21 +739,17 @@ def posterior_factors(model: FactorVAE, panel: Panel, *, batch_days: int = 64) -
     return out
 
 
-def factor_recovery(model: FactorVAE, data: Path, meta: Meta, panel: Panel, pred: dict[str, torch.Tensor], *,
-                    cfg: Config) -> dict[str, Any]:
+def factor_recovery(model: FactorVAE, data: Path, panel: Panel, pred: dict[str, torch.Tensor], *,
+                    truth: tuple[str, ...], cfg: Config) -> dict[str, Any]:
     """On a synthetic market, how well the planted factors are recovered (``fvae.risk``): canonical
     correlations of the posterior μ_post and of the prior μ_z with the true z_t, next to an oracle's
-    (the label regressed on the true β), and the R² of the true β on the learnt β."""
-    from fvae.risk import beta_span_r2, canonical_correlations, oracle_factors
-
-    k_true = int(meta.extra["generator"]["factors"])
-    cols = tuple(f"beta_true_{k}" for k in range(k_true))
-    truth = load_panel(data, panel.name, meta=meta, extra_columns=cols)
+    (the label regressed on the true β), and the R² of the true β on the learnt β. ``panel`` holds
+    the true β as its ``truth`` extra columns."""
     z = pd.read_parquet(data / TRUTH_FILE).set_index("datetime").reindex(panel.dates)
-    z_true = z[[f"z_true_{k}" for k in range(k_true)]].to_numpy(np.float64)
-    valid = truth.valid.numpy()
-    beta_true = np.stack([truth.extra[c].numpy() for c in cols], -1)
-    oracle = oracle_factors(truth.label.numpy(), valid, beta_true)
+    z_true = z[[f"z_true_{k}" for k in range(len(truth))]].to_numpy(np.float64)
+    valid = panel.valid.cpu().numpy()
+    beta_true = np.stack([panel.extra[c].cpu().numpy() for c in truth], -1)
+    oracle = oracle_factors(panel.label.cpu().numpy(), valid, beta_true)
     ok = np.isfinite(oracle).all(1) & np.isfinite(z_true).all(1)
     post = posterior_factors(model, panel, batch_days=cfg.train.eval_batch_days).cpu().numpy()
     prior = pred["mu_z"].cpu().numpy()
