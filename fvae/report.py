@@ -607,15 +607,41 @@ def _trials_frame(summary: dict[str, Any]) -> tuple[pd.DataFrame, list[str]]:
     return pd.DataFrame(rows), keys
 
 
-def param_importance(summary: dict[str, Any]) -> tuple[dict[str, float], str]:
-    """Optuna's fANOVA importances on an in-memory study rebuilt from summary.json's trials.
+def _rebuilt_study(df: pd.DataFrame, usable: list[str], mode: str) -> Any:
+    """An in-memory study of summary.json's finished trials, distributions inferred from the values."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-    Distributions are inferred from the values: bool and str → categorical; int → IntDistribution
-    over [min, max]; float → FloatDistribution over [min, max], log-scaled when positive and
-    spanning ≥ 2 decades. Only parameters that every finished trial has and that vary are used.
-    Fallback when optuna's evaluator cannot run (e.g. scikit-learn missing): the absolute Spearman
-    correlation of each parameter (categories as their mean-value rank) with the search's metric,
-    normalised to sum to 1. Returns (importances, method).
+    dists: dict[str, Any] = {}
+    for k in usable:
+        vals = df[k].tolist()
+        if all(isinstance(v, bool) for v in vals) or any(isinstance(v, str) for v in vals):
+            dists[k] = CategoricalDistribution(sorted({v for v in vals}, key=str))
+        elif all(isinstance(v, (int, np.integer)) for v in vals):
+            dists[k] = IntDistribution(int(min(vals)), int(max(vals)))
+        else:
+            lo, hi = float(min(vals)), float(max(vals))
+            dists[k] = FloatDistribution(lo, hi, log=bool(lo > 0 and hi / lo >= 100))
+    study = optuna.create_study(direction="maximize" if mode == "max" else "minimize")
+    for _, r in df.iterrows():
+        params = {k: (float(r[k]) if isinstance(dists[k], FloatDistribution) else
+                      int(r[k]) if isinstance(dists[k], IntDistribution) else r[k]) for k in usable}
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=float(r["value"])))
+    return study
+
+
+def param_importance(summary: dict[str, Any], *, exp_dir: str | Path | None = None) -> tuple[dict[str, float], str]:
+    """Optuna's fANOVA importances of the search's parameters for its metric. Returns (importances, method).
+
+    The study is the search's own, read from EXP_DIR/optuna.db (``fvae.study``): its real
+    distributions and its trials' values (the best epoch's). A search without optuna.db (made
+    before fvae kept its study) gets a study rebuilt in memory from summary.json's trials, the
+    distributions inferred from the values (bool and str → categorical; int → IntDistribution over
+    [min, max]; float → FloatDistribution over [min, max], log-scaled when positive and spanning
+    ≥ 2 decades), and the method says so. Only parameters every finished trial has and that vary
+    are used. Fallback when optuna's evaluator cannot run (e.g. scikit-learn missing): the absolute
+    Spearman correlation of each parameter (categories as their mean-value rank) with the search's
+    metric, normalised to sum to 1.
     """
     metric, mode = search_metric(summary)
     df, keys = _trials_frame(summary)
@@ -626,26 +652,19 @@ def param_importance(summary: dict[str, Any]) -> tuple[dict[str, float], str]:
         raise ValueError("no parameter varies across the finished trials")
     try:
         import optuna
-        from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+        from fvae.study import open_study
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        dists: dict[str, Any] = {}
-        for k in usable:
-            vals = df[k].tolist()
-            if all(isinstance(v, bool) for v in vals) or any(isinstance(v, str) for v in vals):
-                dists[k] = CategoricalDistribution(sorted({v for v in vals}, key=str))
-            elif all(isinstance(v, (int, np.integer)) for v in vals):
-                dists[k] = IntDistribution(int(min(vals)), int(max(vals)))
-            else:
-                lo, hi = float(min(vals)), float(max(vals))
-                dists[k] = FloatDistribution(lo, hi, log=bool(lo > 0 and hi / lo >= 100))
-        study = optuna.create_study(direction="maximize" if mode == "max" else "minimize")
-        for _, r in df.iterrows():
-            params = {k: (float(r[k]) if isinstance(dists[k], FloatDistribution) else
-                          int(r[k]) if isinstance(dists[k], IntDistribution) else r[k]) for k in usable}
-            study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=float(r["value"])))
-        imp = optuna.importance.get_param_importances(study)
-        return {k: float(v) for k, v in imp.items()}, "optuna fANOVA (optuna.importance.get_param_importances)"
+        study = open_study(exp_dir, summary) if exp_dir is not None else None
+        if study is not None:
+            imp = optuna.importance.get_param_importances(study, params=usable)
+            return ({k: float(v) for k, v in imp.items()},
+                    "optuna fANOVA (optuna.importance.get_param_importances) on the search's study, EXP_DIR/optuna.db")
+        imp = optuna.importance.get_param_importances(_rebuilt_study(df, usable, mode), params=usable)
+        return ({k: float(v) for k, v in imp.items()},
+                "optuna fANOVA (optuna.importance.get_param_importances) on a study rebuilt from summary.json, "
+                "distributions guessed from the values: this search kept no EXP_DIR/optuna.db")
     except (ImportError, RuntimeError, ValueError) as e:
         from scipy.stats import spearmanr
 
@@ -694,7 +713,7 @@ def section_search(inp: Inputs) -> str:
                                                                        _esc(t.get("error") or "")] for t in errors])
     plt = _plt()
     try:
-        imp, method = param_importance(s)
+        imp, method = param_importance(s, exp_dir=inp.source)
         fig, ax = plt.subplots(figsize=(7, 0.45 * len(imp) + 1.2))
         names = list(imp)[::-1]
         ax.barh(names, [imp[n] for n in names], color="C0")

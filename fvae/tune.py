@@ -15,6 +15,8 @@ trial id; see :func:`choose_best`).
 EXP_DIR receives:
     trials/<trial_id>/        each trial's run directory (config.yaml, tb/, checkpoints/, ...)
     tune/                     Ray Tune's experiment state (what --resume restores)
+    optuna.db                 the Optuna study (SQLite): ``optuna-dashboard sqlite:///EXP_DIR/optuna.db``,
+                              ``optuna.load_study(study_name=..., storage=...)``; see fvae.study
     summary.json              metric, mode, best trial (config, value, test metrics, checkpoint) and all trials
     best_config.yaml          the best config, re-runnable with ``python -m fvae.train --config``
     trials.png                the metric of every trial, per epoch
@@ -37,6 +39,7 @@ from fvae import config as fconfig
 from fvae.data.shards import DataError, read_meta
 from fvae.io import atomic_write_json, pyplot
 from fvae.space import SearchSpace, SpaceError, load_space
+from fvae.study import STUDY_FILE, storage_url
 from fvae.train import Config, NonFiniteLossError, init_ray, load_config, load_state
 
 DRIVER_CPUS = 0.1  # a trial's driver only waits on its Train workers
@@ -124,7 +127,8 @@ def run_search(*, data: Path, space_path: Path, num_samples: int, exp_dir: Path,
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
+
+    from fvae.searcher import KeptOptunaSearch
 
     space = load_space(space_path, base=base_config)
     meta = read_meta(data)  # fail fast on bad data, before any trial starts
@@ -152,11 +156,17 @@ def run_search(*, data: Path, space_path: Path, num_samples: int, exp_dir: Path,
         tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True,
                                    resume_errored=False)
     else:
-        if tune_dir.exists():
+        if tune_dir.exists() or (exp_dir / STUDY_FILE).exists():
             raise FileExistsError(f"{exp_dir} already holds a search; pass --resume to continue it "
                                   "or choose another --out")
-        searcher = OptunaSearch(space=space.suggest, metric=space.metric, mode=space.mode,
-                                sampler=optuna.samplers.TPESampler(seed=seed))
+        # the study lives in EXP_DIR/optuna.db; Tune's searcher checkpoint keeps the sampler and
+        # which trial is which, so --resume continues the same study
+        searcher = KeptOptunaSearch(space=space.suggest, metric=space.metric, mode=space.mode,
+                                    sampler=optuna.samplers.TPESampler(seed=seed), exp_dir=exp_dir,
+                                    study_name=space.name)
+        study = optuna.load_study(study_name=space.name, storage=storage_url(exp_dir))
+        for key, value in (("metric", space.metric), ("mode", space.mode), ("space", str(space.path))):
+            study.set_user_attr(key, value)
         # ASHA takes metric and mode from the TuneConfig (Tune refuses them in both places)
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=base_cfg.train.epochs,
                                   grace_period=min(grace_period, base_cfg.train.epochs),
@@ -228,6 +238,8 @@ def summarize_search(results: Any, *, space: SearchSpace, exp_dir: Path, data: P
     trials.sort(key=lambda t: t["trial_id"])
     summary: dict[str, Any] = {"space": space.name, "metric": metric, "mode": mode, "seconds": seconds,
                                "data": str(data), "trials": trials, "best": None}
+    if (exp_dir / STUDY_FILE).is_file():  # searches from before the study was kept have none
+        summary["study"] = {"file": STUDY_FILE, "name": space.name, "storage": storage_url(exp_dir)}
     best = choose_best(trials, mode=mode)
     if best is not None:
         cfg = resolve_trial_config(space, best["params"], base=base_config)

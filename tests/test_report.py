@@ -149,6 +149,29 @@ def test_search_report_has_importance_and_scatter(tiny_run, tmp_path):
     assert 'data-images-failed="0"' in dom
 
 
+def test_importance_reads_the_searchs_study(tiny_run, tmp_path):
+    """With EXP_DIR/optuna.db the importance is the study's (its distributions and values), not one
+    rebuilt from summary.json: here the study's values follow hidden_size while summary.json's follow lr."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    exp = _summary(tiny_run, tmp_path)
+    summary = json.loads((exp / "summary.json").read_text())
+    rebuilt, method = rp.param_importance(summary, exp_dir=exp)
+    assert max(rebuilt, key=rebuilt.get) == "train.lr" and "kept no EXP_DIR/optuna.db" in method
+    dists = {"train.lr": FloatDistribution(1e-5, 1e-1, log=True), "model.hidden_size": IntDistribution(16, 64),
+             "model.conditional_posterior": CategoricalDistribution([False, True])}
+    study = optuna.create_study(study_name="tiny", storage=f"sqlite:///{exp / 'optuna.db'}", direction="maximize")
+    for t in summary["trials"][:9]:
+        study.add_trial(optuna.trial.create_trial(params=t["params"], distributions=dists,
+                                                  value=t["params"]["model.hidden_size"] / 64,
+                                                  user_attrs={"ray_trial_id": t["trial_id"]}))
+    imp, method = rp.param_importance(summary, exp_dir=exp)
+    assert max(imp, key=imp.get) == "model.hidden_size" and "on the search's study, EXP_DIR/optuna.db" in method
+    html = rp.section_search(rp.Inputs(source=exp, run_dir=None, summary=summary, metrics=None, data=None, notes={}))
+    assert "EXP_DIR/optuna.db" in html
+
+
 def test_importance_fallback_without_optuna(monkeypatch, tiny_run, tmp_path):
     import optuna.importance
 

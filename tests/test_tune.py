@@ -82,6 +82,91 @@ def test_tensorboard_has_every_trial_with_hparams(smoke_search):
         assert values["model.gamma"].number_value == pytest.approx(t["params"]["model.gamma"])
 
 
+def _study_trials(exp: Path, summary: dict) -> dict:
+    """The study in EXP_DIR/optuna.db, opened as a user would, by Tune trial id."""
+    import optuna
+
+    from fvae.study import TRIAL_ID_ATTR
+
+    study = optuna.load_study(study_name=summary["study"]["name"], storage=f"sqlite:///{exp / 'optuna.db'}")
+    by_id: dict = {}
+    for t in study.trials:
+        by_id.setdefault(t.user_attrs[TRIAL_ID_ATTR], []).append(t)
+    return {"study": study, "by_id": by_id}
+
+
+def test_the_study_is_kept_in_optuna_db(smoke_search):
+    """The search's own Optuna study: one trial per Tune trial, with the summary's params, its value
+    (the best epoch's) and one intermediate value per epoch; the best trial is the summary's."""
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState
+
+    exp, summary = smoke_search
+    saved = json.loads((exp / "summary.json").read_text())
+    assert saved["study"]["name"] == "smoke" and saved["study"]["file"] == "optuna.db"
+    got = _study_trials(exp, saved)
+    study, by_id = got["study"], got["by_id"]
+    assert study.direction.name == "MAXIMIZE" and study.user_attrs["metric"] == "valid_rank_icir"
+    assert len(study.trials) == 5 and sorted(by_id) == sorted(t["trial_id"] for t in saved["trials"])
+    for t in saved["trials"]:
+        (ot,) = by_id[t["trial_id"]]
+        assert ot.state == TrialState.COMPLETE
+        assert ot.value == pytest.approx(t["value"], abs=1e-9)
+        assert len(ot.intermediate_values) == t["epochs"]
+        searched = {k: v for k, v in t["params"].items() if k not in load_space(SMOKE).fixed}
+        assert ot.params.keys() == searched.keys()
+        for k, v in searched.items():
+            assert ot.params[k] == pytest.approx(v)
+    # the real distributions, not ones guessed from the values
+    gamma = study.trials[0].distributions["model.gamma"]
+    assert isinstance(gamma, FloatDistribution) and gamma.log and (gamma.low, gamma.high) == (0.3, 3.0)
+    assert study.best_trial.user_attrs["ray_trial_id"] == saved["best"]["trial_id"]
+    assert study.best_value == pytest.approx(saved["best"]["value"])
+
+
+def test_the_report_ranks_parameters_on_the_study(smoke_search):
+    from fvae import report
+
+    exp, summary = smoke_search
+    imp, method = report.param_importance(summary, exp_dir=exp)
+    assert "EXP_DIR/optuna.db" in method and abs(sum(imp.values()) - 1) < 1e-6
+    assert set(imp) <= {"model.hidden_size", "model.num_factors", "model.num_portfolios", "model.gat_layers",
+                        "model.gamma", "train.lr"}
+
+
+def test_optuna_dashboard_serves_the_study(smoke_search):
+    """What `optuna-dashboard sqlite:///EXP_DIR/optuna.db` serves: its WSGI app's API on the study."""
+    pytest.importorskip("optuna_dashboard", reason="optuna-dashboard is not installed (pip install -e '.[dev]')")
+    from wsgiref.util import setup_testing_defaults
+
+    from optuna_dashboard import wsgi
+
+    exp, summary = smoke_search
+    app = wsgi(f"sqlite:///{exp / 'optuna.db'}")
+
+    def get(path: str) -> dict:
+        env: dict = {"PATH_INFO": path}
+        setup_testing_defaults(env)
+        status: list = []
+        body = b"".join(app(env, lambda s, h, exc_info=None: status.append(s)))
+        assert status[0].startswith("200"), (path, status)
+        return json.loads(body)
+
+    studies = get("/api/studies")["study_summaries"]
+    assert [s["study_name"] for s in studies] == ["smoke"]
+    detail = get(f"/api/studies/{studies[0]['study_id']}")
+    assert len(detail["trials"]) == 5 and all(t["state"] == "Complete" for t in detail["trials"])
+
+
+def test_a_folder_with_a_study_is_not_searched_again(tiny_market, tmp_path, ray_session):
+    from fvae.tune import run_search
+
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "optuna.db").write_bytes(b"")
+    with pytest.raises(FileExistsError, match="already holds a search"):
+        run_search(data=tiny_market, space_path=SMOKE, num_samples=1, exp_dir=tmp_path / "exp")
+
+
 def test_choose_best_follows_the_mode():
     from fvae.tune import best_epoch, choose_best
 
@@ -129,6 +214,10 @@ def test_mode_min_search_picks_the_lowest_value(tiny_market, tmp_path, ray_sessi
     assert best["trial_id"] == min(t["trial_id"] for t in trials if t["value"] == lowest)
     assert "valid_rank_icir" in best  # still recorded, whatever the metric
     assert "(min nll): nll" in capsys.readouterr().out
+    study = _study_trials(tmp_path / "exp", saved)
+    assert study["study"].direction.name == "MINIMIZE"
+    assert {tid: ts[0].value for tid, ts in study["by_id"].items()} == pytest.approx(
+        {t["trial_id"]: t["value"] for t in trials})
     assert (tmp_path / "exp" / "trials.png").stat().st_size > 5000
 
 
@@ -216,6 +305,19 @@ def test_resume_after_killing_the_driver(tiny_market, tmp_path, ray_cluster):
         assert now["state.pt"] == was["state.pt"], tid
         if "metrics.json" in was and tid != summary["best"]["trial_id"]:
             assert now["metrics.json"][1] == was["metrics.json"][1], tid
+    # the same Optuna study went on: each of the 5 trials once, with its value; a trial asked
+    # after Tune's last checkpoint (so never run) is marked FAIL with a note, never counted twice
+    from optuna.trial import TrialState
+
+    from fvae.study import NOTE_ATTR
+
+    by_id = _study_trials(exp, summary)["by_id"]
+    for t in summary["trials"]:
+        live = [ot for ot in by_id[t["trial_id"]] if NOTE_ATTR not in ot.user_attrs]
+        assert len(live) == 1 and live[0].state == TrialState.COMPLETE, (t, by_id[t["trial_id"]])
+        assert live[0].value == pytest.approx(t["value"])
+    orphans = [ot for tid, ots in by_id.items() for ot in ots if tid not in ids]
+    assert all(ot.state == TrialState.FAIL and NOTE_ATTR in ot.user_attrs for ot in orphans)
 
 
 def test_ray_job_submit_against_a_local_cluster(tiny_market, tmp_path, ray_cluster):
@@ -253,3 +355,8 @@ def test_failed_trials_are_recorded_and_the_search_goes_on(tiny_market, tmp_path
     assert all(v[2] for v in failed)  # the error text is kept
     assert len(status) == 4 and all((tmp_path / "exp" / "trials" / tid).is_dir() for tid in status)
     assert summary["best"]["params"]["train.lr"] == 1e-3
+    from optuna.trial import TrialState
+
+    study = _study_trials(tmp_path / "exp", summary)["by_id"]
+    assert {tid: ts[0].state for tid, ts in study.items()} == {
+        tid: TrialState.FAIL if v[0] == "ERROR" else TrialState.COMPLETE for tid, v in status.items()}
