@@ -138,8 +138,13 @@ class Panel:
 
 
 def load_panel(folder: str | Path, segment: str, *, meta: Meta | None = None,
-               handler: str | None = None, extra_columns: tuple[str, ...] = ()) -> Panel:
-    """Read one segment of a shard folder into a Panel (on the CPU)."""
+               handler: str | None = None, extra_columns: tuple[str, ...] = (),
+               require_label: bool = True) -> Panel:
+    """Read one segment of a shard folder into a Panel (on the CPU).
+
+    A stock-day is a sample (``valid``) when its label and return are finite; with
+    ``require_label=False`` (prediction, e.g. the last days of a qlib test segment, whose
+    labels lie in the future) every stock-day with a row is, and missing labels read as 0."""
     folder = Path(folder)
     meta = meta or read_meta(folder)
     if handler is not None and meta.handler != handler:
@@ -188,7 +193,11 @@ def load_panel(folder: str | Path, segment: str, *, meta: Meta | None = None,
         return out
 
     label, ret = dense("label"), dense("ret")
-    valid = np.isfinite(label) & np.isfinite(ret)
+    if require_label:
+        valid = np.isfinite(label) & np.isfinite(ret)
+    else:
+        valid = np.zeros((D, N), dtype=bool)
+        valid[d, s] = True
     incomplete = 0
     if meta.layout == "daily" and H < T - 1:
         # fewer than T-1 days of history before the segment (shards written before history was

@@ -783,7 +783,8 @@ def engine_features(qdir: QlibDir, fields: list[str], names: list[str], *, start
     return df
 
 
-def process_raw(raw: RawFeatures, train_mask: np.ndarray) -> tuple[pd.DataFrame, dict[str, Any]]:
+def process_raw(raw: RawFeatures, train_mask: np.ndarray | None,
+                norm: dict[str, Any] | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
     """fvae's processing: features robust-z-scored on train rows, ``label`` = CSRankNorm(ret).
 
     The same arithmetic as ``fvae.data.process.process_features`` (whose stats
@@ -791,12 +792,18 @@ def process_raw(raw: RawFeatures, train_mask: np.ndarray) -> tuple[pd.DataFrame,
     360 columns, and a float64 copy of all of them would need twice the memory
     of the float32 features again. ``raw.x`` is overwritten. Returns the
     shard frame (datetime, instrument, features, label, ret) and meta.norm.
+    With ``norm`` (an earlier call's meta.norm) its statistics are applied
+    instead of fitted (``train_mask`` unused).
     """
     x = raw.x
     medians, scales = [], []
     for a in range(0, x.shape[1], _NORM_CHUNK):
         block = x[:, a: a + _NORM_CHUNK].astype(np.float64)
-        median, scale = robust_zscore_fit(block[train_mask])
+        if norm is not None:
+            median = np.asarray(norm["median"][a: a + _NORM_CHUNK], dtype=np.float64)
+            scale = np.asarray(norm["scale"][a: a + _NORM_CHUNK], dtype=np.float64)
+        else:
+            median, scale = robust_zscore_fit(block[train_mask])
         x[:, a: a + _NORM_CHUNK] = robust_zscore_apply(block, median, scale)
         medians.append(median)
         scales.append(scale)
@@ -873,3 +880,36 @@ def handler_alpha360(qdir: QlibDir, *, start: pd.Timestamp, end: pd.Timestamp, f
     h = Alpha360(instruments=qdir.market, start_time=start, end_time=end, fit_start_time=fit_start,
                  fit_end_time=fit_end)
     return h.fetch()
+
+
+# --------------------------------------------------------------------------- qlib's DatasetH -> fvae
+
+
+def handler_layout(columns: Sequence[str], *, lookback: int) -> tuple[list[str], str, int, int]:
+    """(shard feature order, layout, T, C) of a qlib handler's feature columns.
+
+    Alpha360's 360 columns are 60-day windows of 6 series: reordered time-major, oldest first
+    (the window layout, as ``export`` writes it). Any other set (Alpha158, a custom handler) is
+    C features of the day, and the loader builds ``lookback``-day windows (the daily layout).
+    """
+    cols = [str(c) for c in columns]
+    if sorted(cols) == sorted(alpha360_fields()[1]):
+        return alpha360_window_names(), "window", ALPHA360_LOOKBACK, len(ALPHA360_SERIES)
+    if lookback < 1:
+        raise DataError(f"lookback: {lookback} must be at least 1")
+    return cols, "daily", lookback, len(cols)
+
+
+def raw_from_handler(feature: pd.DataFrame, ret: pd.Series | None, *, lookback: int) -> RawFeatures:
+    """A qlib handler's (datetime, instrument)-indexed feature frame (the "feature" column group)
+    and raw label as RawFeatures, rows sorted by (datetime, instrument); ``ret`` None: all NaN."""
+    feature = feature.sort_index()
+    names, layout, t_len, channels = handler_layout(feature.columns, lookback=lookback)
+    cols = pd.Index([str(c) for c in feature.columns])
+    x = feature.to_numpy(dtype=np.float32)[:, cols.get_indexer(names)]
+    r = (np.full(len(feature), np.nan, dtype=np.float32) if ret is None else
+         ret.reindex(feature.index).to_numpy(dtype=np.float32))
+    return RawFeatures(datetime=feature.index.get_level_values(0).to_numpy(dtype="datetime64[ns]"),
+                       instrument=feature.index.get_level_values(1).to_numpy(dtype=object).astype(str).astype(object),
+                       x=np.ascontiguousarray(x), ret=r, feature_names=names, layout=layout, lookback=t_len,
+                       channels=channels, label_native=False, dropped_no_bar=0, timings={})
