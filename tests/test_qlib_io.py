@@ -470,3 +470,97 @@ def test_export_rejects_expression_qlib_cannot_evaluate(qdir: Path, tmp_path: Pa
                        test=("2016-10-03", "2016-12-30"), label="Nonsense($close, 2)", lookback=20,
                        extra_features=[])
     assert "Nonsense" in str(e.value)
+
+
+# --------------------------------------------------------------------------- missing fields
+
+
+TINY_SEG = {"train": ("2016-01-04", "2016-06-30"), "valid": ("2016-07-01", "2016-09-30"),
+            "test": ("2016-10-03", "2016-12-30")}
+
+
+@pytest.fixture(scope="module")
+def novwap(qdir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The slice as a user's own qlib directory without $vwap: no vwap.day.bin, no fvae import record."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("novwap") / "qlib"
+    shutil.copytree(qdir, out)
+    for f in out.glob("features/*/vwap.day.bin"):
+        f.unlink()
+    (out / qlib_io.IMPORT_INFO).unlink()
+    return out
+
+
+def _shards(folder: Path) -> pd.DataFrame:
+    meta = read_meta(folder)
+    return pd.concat([pd.read_parquet(folder / s["file"]) for s in meta.shards]).set_index(["datetime", "instrument"])
+
+
+def _export(provider: Path, out: Path, **kw) -> qlib_io.Meta:
+    args = dict(provider_uri=provider, region="us", market="tiny", handler="Alpha360", out=out,
+                label=qlib_io.DEFAULT_LABEL, lookback=20, extra_features=[], **TINY_SEG)
+    return qlib_io.export(**{**args, **kw})
+
+
+@pytest.mark.parametrize("handler", ["Alpha360", "Alpha158"])
+def test_export_without_vwap_names_the_field_the_folder_and_the_choices(novwap: Path, tmp_path: Path, handler: str,
+                                                                         capsys) -> None:
+    with pytest.raises(DataError) as e:
+        _export(novwap, tmp_path / "s", handler=handler)
+    msg = str(e.value)
+    assert "\n" not in msg and f"--handler {handler}: needs $vwap" in msg and str(novwap / "features") in msg
+    assert "--vwap approx ((high+low+close)/3, recorded in meta.json)" in msg and "--vwap drop" in msg
+    assert "supply the field" in msg and not (tmp_path / "s" / "meta.json").exists()
+    from fvae.data.__main__ import main
+
+    argv = ["export", "--provider-uri", str(novwap), "--region", "us", "--market", "tiny", "--handler", handler,
+            "--train", "2016-01-04:2016-06-30", "--valid", "2016-07-01:2016-09-30", "--test", "2016-10-03:2016-12-30",
+            "--out", str(tmp_path / "s")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "--vwap approx" in err[0]
+
+
+def test_vwap_approx_and_drop_are_recorded_and_match_the_approximated_import(qdir: Path, novwap: Path,
+                                                                              tmp_path: Path) -> None:
+    """The fvae import approximated vwap as (high+low+close)/3 already: --vwap approx on the folder without
+    vwap gives the same features; --vwap drop gives the same features less the 60 VWAP columns."""
+    ref_meta = _export(qdir, tmp_path / "ref")
+    ref = _shards(tmp_path / "ref")
+    approx = _export(novwap, tmp_path / "approx", vwap="approx")
+    assert approx.extra["vwap"].startswith("approx: (high+low+close)/3") and "vwap_approx" not in approx.extra
+    got = _shards(tmp_path / "approx")
+    assert got.index.equals(ref.index) and approx.feature_names == ref_meta.feature_names
+    np.testing.assert_allclose(got[approx.feature_names].to_numpy(), ref[approx.feature_names].to_numpy(), atol=1e-4)
+    drop = _export(novwap, tmp_path / "drop", vwap="drop")
+    assert drop.extra["vwap"].startswith("drop:") and (drop.lookback, drop.channels) == (60, 5)
+    assert drop.feature_names == [n for n in ref_meta.feature_names if not n.startswith("VWAP")]
+    np.testing.assert_allclose(_shards(tmp_path / "drop")[drop.feature_names].to_numpy(),
+                               ref[drop.feature_names].to_numpy(), atol=1e-5)
+    from fvae.data.loader import load_panel
+
+    assert load_panel(tmp_path / "drop", "train").feat.shape[-1] == 60 * 5
+
+
+def test_alpha158_vwap_drop_leaves_out_vwap0(novwap: Path, tmp_path: Path) -> None:
+    meta = _export(novwap, tmp_path / "s", handler="Alpha158", vwap="drop", lookback=5,
+                   train=("2016-01-04", "2016-02-29"), valid=("2016-03-01", "2016-03-31"),
+                   test=("2016-04-01", "2016-04-29"))
+    assert "VWAP0" not in meta.feature_names and meta.channels == 157 and meta.extra["vwap"].startswith("drop:")
+
+
+def test_a_feature_nan_on_every_training_row_is_an_error(qdir: Path, tmp_path: Path) -> None:
+    """$open all NaN (a field present but empty): Alpha360's OPEN columns would be 0 everywhere after
+    Fillna; the export says so instead."""
+    import shutil
+
+    broken = tmp_path / "qlib"
+    shutil.copytree(qdir, broken)
+    for f in broken.glob("features/*/open.day.bin"):
+        raw = np.fromfile(f, dtype="<f4")
+        raw[1:] = np.nan
+        raw.tofile(f)
+    with pytest.raises(DataError, match=r"--train: feature\(s\) \['OPEN59', 'OPEN58', .* are NaN on every training row"):
+        _export(broken, tmp_path / "s")
+    assert not (tmp_path / "s" / "meta.json").exists()

@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--lookback", type=int, default=20, help="window length T for the daily (Alpha158) layout")
     e.add_argument("--feature", action="append", default=[], metavar="NAME=EXPR",
                    help="extra qlib expression feature (Alpha158 layout only); repeatable")
+    e.add_argument("--vwap", choices=["approx", "drop"], default=None,
+                   help="when the qlib data has no $vwap: approx = (high+low+close)/3, drop = leave out the "
+                        "VWAP features (either is recorded in meta.json); default: an error")
     return p
 
 
@@ -71,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             meta = export(provider_uri=args.provider_uri, region=args.region, market=args.market,
                           handler=args.handler, train=args.train, valid=args.valid, test=args.test,
                           out=args.out, label=args.label or DEFAULT_LABEL, lookback=args.lookback,
-                          extra_features=args.feature)
+                          extra_features=args.feature, vwap=args.vwap or "require")
             print(f"wrote {sum(meta.rows.values())} rows to {args.out} ({meta.handler}, T={meta.lookback}, C={meta.channels})")
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -50,6 +50,9 @@ IMPORT_INFO = "fvae_import.json"
 FIELDS = ("open", "high", "low", "close", "volume", "factor", "change", "vwap")
 VWAP_APPROX = "(high+low+close)/3"
 HANDLERS = ("Alpha360", "Alpha158")
+VWAP_CHOICES = ("require", "approx", "drop")  # what export does when the qlib directory has no $vwap
+_VWAP_APPROX_EXPR = "(($high+$low+$close)/3)"
+_FIELD_REF = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
 REGIONS = ("us", "cn")
 
 # Alpha360: 60 days of 6 price/volume series, each divided by today's close
@@ -481,9 +484,10 @@ def alpha360_fields() -> tuple[list[str], list[str]]:
     return fields, names
 
 
-def alpha360_window_names() -> list[str]:
-    """The shard column order: time-major, oldest first, so a row reshapes to (T=60, C=6)."""
-    return [f"{s}{t}" for t in range(ALPHA360_LOOKBACK - 1, -1, -1) for s in ALPHA360_SERIES]
+def alpha360_window_names(series: Sequence[str] = ALPHA360_SERIES) -> list[str]:
+    """The shard column order: time-major, oldest first, so a row reshapes to (T=60, C=6)
+    (C=5 for ``series`` without VWAP: ``--vwap drop``)."""
+    return [f"{s}{t}" for t in range(ALPHA360_LOOKBACK - 1, -1, -1) for s in series]
 
 
 def alpha158_fields() -> tuple[list[str], list[str]]:
@@ -558,6 +562,7 @@ class RawFeatures:
     label_native: bool
     dropped_no_bar: int  # rows qlib would emit on days the instrument had no bar (no $close)
     timings: dict[str, float]
+    vwap: str | None = None  # what was done for an absent $vwap (approx/drop), for meta.json
 
     def frame(self) -> pd.DataFrame:
         """datetime, instrument, the features and ret as one DataFrame (for checks and comparisons)."""
@@ -611,8 +616,13 @@ def _rows(qdir: QlibDir, lo: int, hi: int) -> tuple[list[str], np.ndarray, np.nd
 
 
 def compute_raw(qdir: QlibDir, *, handler: str, start: pd.Timestamp, end: pd.Timestamp, label: str,
-                lookback: int, extra_features: Sequence[str], region: str, kernels: int = 1) -> RawFeatures:
-    """Unprocessed features plus the raw label (``ret``) on trading days start..end."""
+                lookback: int, extra_features: Sequence[str], region: str, kernels: int = 1,
+                vwap: str = "require") -> RawFeatures:
+    """Unprocessed features plus the raw label (``ret``) on trading days start..end.
+
+    A field the handler needs that no instrument of the market has (no ``<field>.day.bin``) is an
+    error naming it; for ``$vwap``, ``vwap`` chooses: ``approx`` uses (high+low+close)/3,
+    ``drop`` leaves out the features that read it (``RawFeatures.vwap`` says which was done)."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     cal = qdir.calendar
@@ -629,18 +639,29 @@ def compute_raw(qdir: QlibDir, *, handler: str, start: pd.Timestamp, end: pd.Tim
 
     engine_fields: list[str] = []
     engine_names: list[str] = []
+    if handler not in HANDLERS:
+        raise DataError(f"--handler: {handler!r} is not one of {list(HANDLERS)}")
+    need = set(_ALPHA360_FIELD.values()) if handler == "Alpha360" else \
+        {f for e in alpha158_fields()[0] for f in _FIELD_REF.findall(e)}  # (--feature's: checked below)
+    vwap_note = _check_fields(qdir, instruments, need, handler=handler, vwap=vwap)
     if handler == "Alpha360":
         if extras:
             raise DataError("--feature: extra features need the daily layout (--handler Alpha158); "
                             "Alpha360 rows are fixed 60 x 6 windows")
         t0 = time.perf_counter()
-        x = _alpha360_native(qdir, instruments, lo, hi, d, i, close)
-        names = alpha360_window_names()
+        series = tuple(s for s in ALPHA360_SERIES if not (s == "VWAP" and vwap == "drop"))
+        x = _alpha360_native(qdir, instruments, lo, hi, d, i, close, series=series, vwap_approx=vwap == "approx")
+        names = alpha360_window_names(series)
         timings["alpha360_native"] = time.perf_counter() - t0
         x = x.reshape(len(d), -1)
-        layout, t_len, channels = "window", ALPHA360_LOOKBACK, len(ALPHA360_SERIES)
-    elif handler == "Alpha158":
+        layout, t_len, channels = "window", ALPHA360_LOOKBACK, len(series)
+    else:
         fields, names = alpha158_fields()
+        if vwap == "drop":
+            names = [n for n, f in zip(names, fields) if "$vwap" not in f]
+            fields = [f for f in fields if "$vwap" not in f]
+        elif vwap == "approx":
+            fields = [f.replace("$vwap", _VWAP_APPROX_EXPR) for f in fields]
         clash = sorted(set(names) & {n for n, _ in extras})
         if clash:
             raise DataError(f"--feature: name(s) {clash} already used by Alpha158")
@@ -648,8 +669,6 @@ def compute_raw(qdir: QlibDir, *, handler: str, start: pd.Timestamp, end: pd.Tim
         names = list(engine_names)
         x = None
         layout, t_len, channels = "daily", lookback, len(names)
-    else:
-        raise DataError(f"--handler: {handler!r} is not one of {list(HANDLERS)}")
     if not label_native:
         engine_fields.append(label)
         engine_names.append("ret")
@@ -680,22 +699,50 @@ def compute_raw(qdir: QlibDir, *, handler: str, start: pd.Timestamp, end: pd.Tim
             raise DataError(f"--feature: {name}={expr} is NaN on every row (a field without .bin files?)")
     return RawFeatures(datetime=dt, instrument=inst, x=x, ret=ret, feature_names=list(names), layout=layout,
                        lookback=t_len, channels=channels, label_native=label_native, dropped_no_bar=dropped,
-                       timings=timings)
+                       timings=timings, vwap=vwap_note)
+
+
+def _check_fields(qdir: QlibDir, instruments: list[str], fields: set[str], *, handler: str, vwap: str) -> str | None:
+    """Raise for a field ``handler`` needs that no instrument has a .bin file of (for ``$vwap``, unless
+    ``vwap`` is approx or drop); return what meta.json records of the ``vwap`` choice (None: require)."""
+    if vwap not in VWAP_CHOICES:
+        raise DataError(f"--vwap: {vwap!r} is not one of {list(VWAP_CHOICES[1:])}")
+    absent = set()
+    for field in sorted(fields):
+        if not any((qdir.root / "features" / code_to_fname(inst).lower() / f"{field}.day.bin").is_file()
+                   for inst in instruments):
+            absent.add(field)
+            where = f"{qdir.root / 'features'} has no {field}.day.bin for any instrument of market {qdir.market!r}"
+            if field != "vwap":
+                raise DataError(f"--handler {handler}: needs ${field}, but {where}; supply the field")
+            if vwap == "require":
+                raise DataError(f"--handler {handler}: needs $vwap, but {where}; choose --vwap approx "
+                                f"({VWAP_APPROX}, recorded in meta.json), --vwap drop (leave out the VWAP "
+                                "features, recorded), or supply the field")
+    if vwap == "require" or "vwap" not in fields:
+        return None
+    why = "the qlib directory has no $vwap" if "vwap" in absent else "asked for, although the directory has $vwap"
+    return (f"approx: {VWAP_APPROX} ({why})" if vwap == "approx" else
+            f"drop: the VWAP features are left out ({why})")
 
 
 def _alpha360_native(qdir: QlibDir, instruments: list[str], lo: int, hi: int, d: np.ndarray, i: np.ndarray,
-                     close: np.ndarray) -> np.ndarray:
-    """(rows, 60, 6) float32: Alpha360 from the bins, time-major, oldest first.
+                     close: np.ndarray, *, series: Sequence[str] = ALPHA360_SERIES,
+                     vwap_approx: bool = False) -> np.ndarray:
+    """(rows, 60, C) float32: Alpha360 from the bins, time-major, oldest first (C = len(series)).
 
     Feature (lag L, series S) of row (day t, instrument j) is S[t - L, j] / close[t, j]
-    (volume: / (volume[t, j] + 1e-12)), in float32 like qlib's float32 series.
+    (volume: / (volume[t, j] + 1e-12)), in float32 like qlib's float32 series. With
+    ``vwap_approx`` the VWAP series is (high + low + close) / 3.
     """
     pad = ALPHA360_LOOKBACK - 1
-    out = np.empty((len(d), ALPHA360_LOOKBACK, len(ALPHA360_SERIES)), dtype=np.float32)
+    out = np.empty((len(d), ALPHA360_LOOKBACK, len(series)), dtype=np.float32)
     today_close = close[d, i]
-    for c, s in enumerate(ALPHA360_SERIES):
-        field = _ALPHA360_FIELD[s]
-        arr = dense_field(qdir, instruments, field, lo - pad, hi)  # padded for the lags
+    for c, s in enumerate(series):
+        if s == "VWAP" and vwap_approx:
+            arr = sum(dense_field(qdir, instruments, f, lo - pad, hi) for f in ("high", "low", "close")) / np.float32(3)
+        else:
+            arr = dense_field(qdir, instruments, _ALPHA360_FIELD[s], lo - pad, hi)  # padded for the lags
         if s == "VOLUME":
             denom = arr[d + pad, i] + _VOLUME_EPS
         else:
@@ -804,6 +851,12 @@ def process_raw(raw: RawFeatures, train_mask: np.ndarray | None,
             scale = np.asarray(norm["scale"][a: a + _NORM_CHUNK], dtype=np.float64)
         else:
             median, scale = robust_zscore_fit(block[train_mask])
+            empty = np.flatnonzero(np.isnan(median))
+            if len(empty):  # an all-NaN column would be filled with 0 on every row: say it instead
+                bad = [raw.feature_names[a + j] for j in empty]
+                raise DataError(f"--train: feature(s) {bad[:4]}{' ...' if len(bad) > 4 else ''} are NaN on every "
+                                "training row (a field the handler needs is missing, or the train segment is "
+                                "shorter than their window); fix the data or the segment")
         x[:, a: a + _NORM_CHUNK] = robust_zscore_apply(block, median, scale)
         medians.append(median)
         scales.append(scale)
@@ -822,7 +875,7 @@ def process_raw(raw: RawFeatures, train_mask: np.ndarray | None,
 
 def export(*, provider_uri: str | Path, region: str, market: str, handler: str, train: Sequence[Any],
            valid: Sequence[Any], test: Sequence[Any], out: str | Path, label: str = DEFAULT_LABEL,
-           lookback: int = 20, extra_features: Sequence[str] = (), kernels: int = 1) -> Meta:
+           lookback: int = 20, extra_features: Sequence[str] = (), kernels: int = 1, vwap: str = "require") -> Meta:
     """Compute ``handler``'s features and the label for ``market`` and write shards to ``out``.
 
     Rows run from the first trading day of ``train`` to the last of ``test``, plus, for the daily
@@ -830,7 +883,8 @@ def export(*, provider_uri: str | Path, region: str, market: str, handler: str, 
     normalisation statistics come from the train rows only. ``lookback`` is the
     window the loader builds for the daily layout (Alpha158); Alpha360 rows are
     60-day windows already. ``kernels`` is qlib's worker count for the
-    expression engine (Alpha158, extra features, non-default labels).
+    expression engine (Alpha158, extra features, non-default labels). ``vwap``: what to do when
+    the directory has no ``$vwap`` (``require``: an error naming the choices; ``approx``; ``drop``).
     """
     if handler not in HANDLERS:
         raise DataError(f"--handler: {handler!r} is not one of {list(HANDLERS)}")
@@ -847,7 +901,7 @@ def export(*, provider_uri: str | Path, region: str, market: str, handler: str, 
     first = int(qdir.calendar.searchsorted(seg.train[0], "left"))
     start = qdir.calendar[max(0, first - (lookback - 1))] if handler != "Alpha360" else seg.train[0]
     raw = compute_raw(qdir, handler=handler, start=start, end=seg.test[1], label=label,
-                      lookback=lookback, extra_features=extra_features, region=region, kernels=kernels)
+                      lookback=lookback, extra_features=extra_features, region=region, kernels=kernels, vwap=vwap)
     train_mask = (raw.datetime >= seg.train[0].to_datetime64()) & (raw.datetime <= seg.train[1].to_datetime64())
     if not train_mask.any():
         raise DataError(f"--train: {_iso(seg.train[0])}..{_iso(seg.train[1])} holds no rows for market {market!r}")
@@ -858,9 +912,10 @@ def export(*, provider_uri: str | Path, region: str, market: str, handler: str, 
                              "dropped_rows_without_bar": raw.dropped_no_bar}
     if handler == "Alpha158" or extra_features:
         extra["qlib_features"] = "qlib.data.D.features"
-    vwap = qdir.import_info.get("vwap_approx")
-    if vwap:
-        extra["vwap_approx"] = vwap
+    if qdir.import_info.get("vwap_approx"):
+        extra["vwap_approx"] = qdir.import_info["vwap_approx"]
+    if raw.vwap:
+        extra["vwap"] = raw.vwap
     meta = Meta(source=f"qlib:{provider_uri}", handler=handler, market=market, layout=raw.layout,
                 lookback=raw.lookback, channels=raw.channels, feature_names=raw.feature_names,
                 label_expr=label, segments=seg.as_meta(), norm=norm, extra=extra)
