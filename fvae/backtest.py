@@ -46,6 +46,7 @@ import pandas as pd
 
 from fvae.data.shards import DataError, read_meta, read_rows
 from fvae.io import atomic_write_json, pyplot
+from fvae.progress import bar
 from fvae.risk import risk_matvec
 
 TRADING_DAYS = 252
@@ -437,7 +438,8 @@ def mean_variance_weights(market: Market, *, risk_aversion: float, max_weight: f
     prev = np.zeros(N)
     ok_all = market.tradable & np.isfinite(market.sigma_alpha) & np.isfinite(market.beta).all(-1)
     t0 = time.time()
-    for d in range(D):
+    days = bar(range(D), desc="[backtest] mean-variance", unit="day", enabled=progress)
+    for d in days:
         idx = np.nonzero(ok_all[d])[0]
         if len(idx) == 0:
             prev = np.zeros(N)
@@ -449,7 +451,7 @@ def mean_variance_weights(market: Market, *, risk_aversion: float, max_weight: f
                                  max_turnover=None if first else max_turnover)
         w[d, idx] = wd
         prev = w[d]
-        if progress and (d + 1) % 50 == 0:
+        if progress and days.disable and (d + 1) % 50 == 0:  # a log, not a terminal: a line now and then
             print(f"[backtest] mean-variance day {d + 1}/{D} ({time.time() - t0:.1f}s)", flush=True)
     return w
 

@@ -65,6 +65,7 @@ from fvae.data.shards import DataError, Meta, read_meta, read_rows, write_shards
 from fvae.io import atomic_write_json
 from fvae.metrics import daily_ic, daily_rank_ic, summarize
 from fvae.model import FeatureExtractor, ModelConfig
+from fvae.progress import bar, step_bar
 
 MODELS = ("linear", "lightgbm", "mlp", "gru", "factorvae")
 TUNED = "tuned"  # the model of --tuned-config; added to the models when that is given
@@ -285,15 +286,19 @@ def fit_lightgbm(split: Split, *, seed: int, holdout: list[str] | None = None,
     dvalid = lgb.Dataset(xv, label=yv, reference=dtrain)
     del x
     callbacks = [lgb.early_stopping(LGB_EARLY_STOP, verbose=False)]
+    rounds = bar(desc=f"[baselines] lightgbm seed {seed}", total=LGB_ROUNDS, unit="round", enabled=progress)
     if progress:
         def report(env: Any) -> None:
-            if (env.iteration + 1) % 50 == 0:
+            rounds.update(1)
+            rounds.set_postfix(valid_l2=f"{env.evaluation_result_list[0][2]:.5f}", refresh=False)
+            if (env.iteration + 1) % 50 == 0 and rounds.disable:  # a log, not a terminal: a line now and then
                 l2 = env.evaluation_result_list[0][2]
                 print(f"[baselines] lightgbm seed {seed} round {env.iteration + 1} valid l2 {l2:.5f}", flush=True)
         callbacks.append(report)
     params = {**LGB_PARAMS, "seed": seed, "num_threads": torch.get_num_threads()}
     booster = lgb.train(params, dtrain, num_boost_round=LGB_ROUNDS, valid_sets=[dvalid], valid_names=["valid"],
                         callbacks=callbacks)
+    rounds.close()
 
     def fn(xb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         B, N = mask.shape
@@ -369,8 +374,11 @@ def train_network(net: nn.Module, split: Split, *, cfg: BaselineConfig, seed: in
                   f"valid RankIC {row['valid_rank_ic']:.4f} RankICIR {row['valid_rank_icir']:.3f} "
                   f"[{row['seconds']:.1f}s]", flush=True)
 
+    current = [0]
+    epoch_bar = step_bar(lambda: f"[baselines] {name} seed {seed} epoch {current[0] + 1}/{cfg.epochs}", enabled=progress)
     history = ftrain.train_epochs(
         step, epochs=range(cfg.epochs), validate=validate, stopper=stopper, history=[], model=net, d=d,
+        before_epoch=lambda e: current.__setitem__(0, e), on_step=epoch_bar,
         batches=lambda e: epoch_batches(train.num_days, batch_days=cfg.batch_days, lookback=train.lookback,
                                         seed=seed, epoch=e, day_fraction=cfg.day_fraction),
         max_skipped_fraction=ftrain.TrainConfig().max_skipped_fraction, days_per_step=cfg.batch_days,

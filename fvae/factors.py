@@ -32,6 +32,7 @@ import pandas as pd
 
 from fvae.data.shards import DataError
 from fvae.io import atomic_write_json, pyplot
+from fvae.progress import bar
 
 DEFAULT_SECTORS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sp500" / "constituents.csv"
 MIN_SECTOR_MATCH = 0.5  # share of the run's instruments that must have a sector
@@ -65,11 +66,12 @@ def load_factor_inputs(run_dir: str | Path, *, segment: str = "test") -> tuple[p
     return pred, fac.set_index("datetime").sort_index(), K
 
 
-def realised_factor_returns(pred: pd.DataFrame, K: int) -> tuple[pd.DataFrame, pd.Series]:
+def realised_factor_returns(pred: pd.DataFrame, K: int, *, progress: bool = False) -> tuple[pd.DataFrame, pd.Series]:
     """Per day OLS of the realised return on [1, β] → ẑ_t (D, K) and the cross-sectional R² (D,)."""
     cols = [f"beta_{k}" for k in range(K)]
     out, r2 = {}, {}
-    for day, g in pred.dropna(subset=["label", *cols]).groupby("datetime", sort=True):
+    days = pred.dropna(subset=["label", *cols]).groupby("datetime", sort=True)
+    for day, g in bar(days, desc="[factors] daily regressions", total=days.ngroups, unit="day", enabled=progress):
         if len(g) < K + 2:
             continue  # fewer stocks than parameters + 1: the regression is not identified
         X = np.column_stack([np.ones(len(g)), g[cols].to_numpy(np.float64)])  # (n, K+1)
@@ -114,7 +116,7 @@ def analyze_factors(run_dir: str | Path, *, out: str | Path, segment: str = "tes
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     pred, fac, K = load_factor_inputs(run_dir, segment=segment)
-    z, r2 = realised_factor_returns(pred, K)
+    z, r2 = realised_factor_returns(pred, K, progress=progress)
     prior = fac[[f"mu_z_{k}" for k in range(K)]].copy()
     prior.columns = [f"f{k}" for k in range(K)]
     names = list(z.columns)

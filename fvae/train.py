@@ -42,6 +42,7 @@ from fvae.data.shards import TRUTH_FILE, DataError, Meta, read_meta
 from fvae.io import atomic_to_parquet, atomic_to_pickle, atomic_torch_save, atomic_write_json, pyplot
 from fvae.metrics import daily_ic, daily_rank_ic, summarize
 from fvae.model import FactorVAE, ModelConfig
+from fvae.progress import step_bar
 from fvae.risk import ACTIVE_KL, beta_span_r2, bias_statistics, canonical_correlations, oracle_factors
 
 
@@ -347,7 +348,8 @@ def graph_slots(num_days: int, data: LoaderConfig, lookback: int) -> int:
 
 def train_epoch(step: Step, batches: list[np.ndarray], *, d: Dist, sched: Any = None, epoch: int = 0,
                 nonfinite: Literal["skip", "raise"] = "skip", max_skipped_fraction: float = 1.0,
-                days_per_step: int | None = None, on_step: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+                days_per_step: int | None = None,
+                on_step: Callable[[int, int, float], None] | None = None) -> dict[str, Any]:
     """One step per global batch of ``batches`` on this rank's share of its days (``shard_batches``).
 
     Each step's loss is the sum over its days divided by ``days_per_step`` (the nominal batch size,
@@ -356,7 +358,8 @@ def train_epoch(step: Step, batches: list[np.ndarray], *, d: Dist, sched: Any = 
 
     Returns the day-weighted mean of each objective term over every rank's days, the steps run
     (and the fewest/most over ranks, which DDP needs equal) and the steps skipped as non-finite.
-    ``sched`` (an LR scheduler) steps after every step, skipped or not.
+    ``sched`` (an LR scheduler) steps after every step, skipped or not. ``on_step(i, steps, loss)``
+    follows every step with this rank's running mean loss (a progress bar: ``fvae.progress.StepBar``).
     """
     step.net.train()
     names = step.objective.names
@@ -374,8 +377,8 @@ def train_epoch(step: Step, batches: list[np.ndarray], *, d: Dist, sched: Any = 
                                      "(train.nonfinite=raise)")
         else:
             skipped += 1
-        if on_step is not None:
-            on_step(i, len(batches))
+        if on_step is not None:  # (the running loss costs a host sync: only for a bar that draws)
+            on_step(i, len(batches), (sums[0] / sums[-1].clamp_min(1.0)).item())
     d.all_reduce(sums)
     steps = torch.tensor([len(batches), -len(batches)], dtype=torch.float64, device=d.device)
     d.all_reduce(steps, op="max")  # -> (max over ranks, -min over ranks)
@@ -427,7 +430,8 @@ def train_epochs(step: Step, *, epochs: range, batches: Callable[[int], list[np.
                  model: torch.nn.Module, d: Dist, sched: Any = None, nonfinite: Literal["skip", "raise"] = "skip",
                  max_skipped_fraction: float = 1.0, days_per_step: int | None = None,
                  before_epoch: Callable[[int], None] | None = None,
-                 after_epoch: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+                 after_epoch: Callable[[dict[str, Any]], None] | None = None,
+                 on_step: Callable[[int, int, float], None] | None = None) -> list[dict[str, Any]]:
     """The epoch loop of every network: train an epoch, validate, update ``stopper``, append the
     epoch's row to ``history``, call ``after_epoch(row)``; stop early when ``stopper`` says so.
     ``model`` is the bare module whose best weights ``stopper`` keeps (``step.net`` may wrap it)."""
@@ -439,7 +443,8 @@ def train_epochs(step: Step, *, epochs: range, batches: Callable[[int], list[np.
             before_epoch(epoch)
         row: dict[str, Any] = {"epoch": epoch, **train_epoch(step, batches(epoch), d=d, sched=sched, epoch=epoch,
                                                              nonfinite=nonfinite, days_per_step=days_per_step,
-                                                             max_skipped_fraction=max_skipped_fraction)}
+                                                             max_skipped_fraction=max_skipped_fraction,
+                                                             on_step=on_step)}
         row["lr"] = float(step.optim.param_groups[0]["lr"])
         val = validate()
         row.update(seconds=time.time() - t0, **{f"valid_{k}": v for k, v in val.items()})
@@ -644,11 +649,18 @@ def fit(cfg: Config, *, data: Path, out: Path, d: Dist, report: Reporter | None 
         if on_epoch_end is not None:
             on_epoch_end(row["epoch"], row)
 
+    current = [start]
+
+    def before_epoch(epoch: int) -> None:
+        current[0] = epoch
+        run.model.kl_scale.fill_(kl_weight(tcfg, epoch))
+
+    bar = step_bar(lambda: f"[fvae] epoch {current[0] + 1}/{tcfg.epochs}", enabled=d.is_main)
     train_epochs(step, epochs=range(start, tcfg.epochs), batches=lambda e: day_batches(cfg, train_p, e),
                  validate=lambda: evaluate_panel(run.model, valid_p, d, batch_days=tcfg.eval_batch_days, bf16=tcfg.bf16),
                  stopper=stopper, history=history, model=run.model, d=d, sched=run.sched, nonfinite=tcfg.nonfinite,
                  max_skipped_fraction=tcfg.max_skipped_fraction, days_per_step=cfg.data.batch_days,
-                 before_epoch=lambda e: run.model.kl_scale.fill_(kl_weight(tcfg, e)), after_epoch=after_epoch)
+                 before_epoch=before_epoch, after_epoch=after_epoch, on_step=bar)
     if report is not None and history and history[-1]["epoch"] < start:
         # resumed with nothing left to train: report the last epoch again, so that a caller
         # waiting for metrics (a Tune trial restored after its run had finished) gets them

@@ -44,6 +44,7 @@ import pandas as pd
 from fvae.data.process import CLIP, cs_rank_norm, robust_zscore_apply, robust_zscore_fit
 from fvae.data.shards import DataError, Meta, write_shards
 from fvae.io import atomic_write_bytes, atomic_write_json
+from fvae.progress import bar
 
 DEFAULT_LABEL = "Ref($close, -2)/Ref($close, -1) - 1"
 IMPORT_INFO = "fvae_import.json"
@@ -125,7 +126,7 @@ def import_ohlcv(input_path: str | Path, *, out: str | Path, market: str = "all"
     feat_dir = out / "features"
     feat_dir.mkdir(parents=True, exist_ok=True)
     inst_lines = []
-    for a, b in zip(starts, ends):
+    for a, b in bar(zip(starts, ends), desc=f"[fvae.data] import into {out.name}", total=len(starts), unit="symbol"):
         sym = str(symbols[a])
         idx = cal_idx[a:b]
         first, last = int(idx[0]), int(idx[-1])
@@ -738,7 +739,7 @@ def _alpha360_native(qdir: QlibDir, instruments: list[str], lo: int, hi: int, d:
     pad = ALPHA360_LOOKBACK - 1
     out = np.empty((len(d), ALPHA360_LOOKBACK, len(series)), dtype=np.float32)
     today_close = close[d, i]
-    for c, s in enumerate(series):
+    for c, s in enumerate(bar(series, desc="[fvae.data] Alpha360 fields", unit="field")):
         if s == "VWAP" and vwap_approx:
             arr = sum(dense_field(qdir, instruments, f, lo - pad, hi) for f in ("high", "low", "close")) / np.float32(3)
         else:
@@ -844,7 +845,7 @@ def process_raw(raw: RawFeatures, train_mask: np.ndarray | None,
     """
     x = raw.x
     medians, scales = [], []
-    for a in range(0, x.shape[1], _NORM_CHUNK):
+    for a in bar(range(0, x.shape[1], _NORM_CHUNK), desc="[fvae.data] normalise features", unit="block"):
         block = x[:, a: a + _NORM_CHUNK].astype(np.float64)
         if norm is not None:
             median = np.asarray(norm["median"][a: a + _NORM_CHUNK], dtype=np.float64)

@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fvae.io import atomic_write_bytes, atomic_write_json
+from fvae.progress import bar
 
 TRUTH_FILE = "truth.parquet"  # a synthetic market's realised factor returns z_t, beside its shards
 
@@ -172,7 +173,7 @@ def write_shards(folder: str | Path, df: pd.DataFrame, meta: Meta) -> Meta:
     digest.update(json.dumps([meta.layout, meta.lookback, meta.channels, meta.feature_names]).encode())
     shards = []
     years = df["datetime"].dt.year.to_numpy()
-    for year in np.unique(years):
+    for year in bar(np.unique(years), desc=f"[fvae.data] shards of {folder.name}", unit="shard"):
         part = df[years == year]
         table = pa.Table.from_pandas(part, preserve_index=False)
         sink = pa.BufferOutputStream()
