@@ -663,8 +663,8 @@ def param_importance(summary: dict[str, Any], *, exp_dir: str | Path | None = No
                     "optuna fANOVA (optuna.importance.get_param_importances) on the search's study, EXP_DIR/optuna.db")
         imp = optuna.importance.get_param_importances(_rebuilt_study(df, usable, mode), params=usable)
         return ({k: float(v) for k, v in imp.items()},
-                "optuna fANOVA (optuna.importance.get_param_importances) on a study rebuilt from summary.json, "
-                "distributions guessed from the values: this search kept no EXP_DIR/optuna.db")
+                ("optuna fANOVA (optuna.importance.get_param_importances) on a study rebuilt from summary.json, "
+                 "distributions guessed from the values: this search kept no EXP_DIR/optuna.db"))
     except (ImportError, RuntimeError, ValueError) as e:
         from scipy.stats import spearmanr
 

@@ -14,9 +14,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from test_qlib_io import panel, panel_file, qdir  # noqa: F401  (the imported slice, as a qlib directory)
 
 from fvae.data import qlib_io
-from test_qlib_io import panel, panel_file, qdir  # noqa: F401  (the imported slice, as a qlib directory)
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "workflow_config_factorvae_Alpha360.yaml"
@@ -26,9 +26,9 @@ TINY_MODEL = {"model": {"hidden_size": 8, "num_factors": 2, "num_portfolios": 4,
               "train": {"epochs": 2, "patience": 2}, "data": {"batch_days": 32, "non_overlap": False}}
 
 
-def _tiny_workflow(qdir: Path, tmp: Path) -> Path:
+def _tiny_workflow(provider: Path, tmp: Path) -> Path:
     cfg = yaml.safe_load(EXAMPLE.read_text())  # YAML anchors resolve here; the form stays qlib's
-    cfg["qlib_init"] = {"provider_uri": str(qdir), "region": "us", "kernels": 1,
+    cfg["qlib_init"] = {"provider_uri": str(provider), "region": "us", "kernels": 1,
                         "exp_manager": {"class": "MLflowExpManager", "module_path": "qlib.workflow.expm",
                                         "kwargs": {"uri": f"sqlite:///{tmp / 'mlruns.db'}",
                                                    "default_exp_name": "Experiment"}}}

@@ -153,7 +153,11 @@ def test_importance_reads_the_searchs_study(tiny_run, tmp_path):
     """With EXP_DIR/optuna.db the importance is the study's (its distributions and values), not one
     rebuilt from summary.json: here the study's values follow hidden_size while summary.json's follow lr."""
     import optuna
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+    from optuna.distributions import (
+        CategoricalDistribution,
+        FloatDistribution,
+        IntDistribution,
+    )
 
     exp = _summary(tiny_run, tmp_path)
     summary = json.loads((exp / "summary.json").read_text())

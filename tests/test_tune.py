@@ -101,7 +101,7 @@ def test_the_study_is_kept_in_optuna_db(smoke_search):
     from optuna.distributions import FloatDistribution
     from optuna.trial import TrialState
 
-    exp, summary = smoke_search
+    exp, _ = smoke_search
     saved = json.loads((exp / "summary.json").read_text())
     assert saved["study"]["name"] == "smoke" and saved["study"]["file"] == "optuna.db"
     got = _study_trials(exp, saved)
@@ -127,7 +127,8 @@ def test_the_study_is_kept_in_optuna_db(smoke_search):
 def test_the_report_ranks_parameters_on_the_study(smoke_search):
     from fvae import report
 
-    exp, summary = smoke_search
+    exp, _ = smoke_search
+    summary = json.loads((exp / "summary.json").read_text())
     imp, method = report.param_importance(summary, exp_dir=exp)
     assert "EXP_DIR/optuna.db" in method and abs(sum(imp.values()) - 1) < 1e-6
     assert set(imp) <= {"model.hidden_size", "model.num_factors", "model.num_portfolios", "model.gat_layers",
@@ -141,7 +142,7 @@ def test_optuna_dashboard_serves_the_study(smoke_search):
 
     from optuna_dashboard import wsgi
 
-    exp, summary = smoke_search
+    exp, _ = smoke_search
     app = wsgi(f"sqlite:///{exp / 'optuna.db'}")
 
     def get(path: str) -> dict:
