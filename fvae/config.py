@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -81,6 +82,8 @@ def _check(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # nan passes every `> 0` check, inf overflows later
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -190,8 +193,24 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 def load(cls: type[T], *, path: str | Path | None = None, overrides: list[str] | None = None) -> T:
     """Read ``cls`` from an optional YAML file, then apply ``--set`` overrides."""
     data = read_yaml(path) if path else {}
+    if path:
+        data = _check_sections(cls, data, path)
     data = apply_overrides(data, overrides or [])
     return from_dict(cls, data, where=str(path) if path else "config")
+
+
+def _check_sections(cls: type, data: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """A file's sections must be mappings before ``--set`` (or ``--debug``'s preset) writes into
+    them: ``train: 5`` is the file's error, not that of an override that was never given."""
+    out = dict(data)
+    for f in dataclasses.fields(cls):
+        if f.name in out and dataclasses.is_dataclass(typing.get_type_hints(cls)[f.name]):
+            if out[f.name] is None:
+                out[f.name] = {}  # an empty section, as YAML writes `train:` with nothing under it
+            elif not isinstance(out[f.name], dict):
+                raise ConfigError(f"{path}: '{f.name}' must be a section (a mapping of keys to values), "
+                                  f"got {out[f.name]!r}")
+    return out
 
 
 def dump(cfg: Any, path: str | Path) -> None:

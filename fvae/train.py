@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ import torch.distributed as dist
 
 from fvae import config as fconfig
 from fvae.data.loader import Batch, LoaderConfig, Panel, epoch_batches, load_panel, shard_batches
-from fvae.data.shards import TRUTH_FILE, DataError, Meta, read_meta
+from fvae.data.shards import RUN_MARKERS, TRUTH_FILE, DataError, Meta, check_shards, read_meta
 from fvae.io import atomic_to_parquet, atomic_to_pickle, atomic_torch_save, atomic_write_json, pyplot
 from fvae.metrics import daily_ic, daily_rank_ic, summarize
 from fvae.model import FactorVAE, ModelConfig
@@ -67,7 +68,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ValueError(f"train.epochs: expected >= 1, got {self.epochs}")
-        if self.lr <= 0:
+        if not self.lr > 0:  # also NaN
             raise ValueError(f"train.lr: expected > 0, got {self.lr}")
         if self.patience < 0 or self.grad_clip < 0:
             raise ValueError("train.patience and train.grad_clip: expected >= 0")
@@ -605,6 +606,36 @@ def load_state(path: Path) -> dict[str, Any]:
     return torch.load(f, map_location="cpu", weights_only=False)
 
 
+RESUME_MAY_CHANGE = ("train.epochs", "train.patience")  # how long a resumed run goes on; nothing else
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_resume(state: dict[str, Any], cfg: Config, *, meta: Meta, data: Path) -> None:
+    """A checkpoint continues only with the data and the config it was trained with: one line
+    naming what differs (and how), rather than a state_dict size mismatch."""
+    if state.get("fingerprint") != meta.fingerprint:
+        raise DataError(f"{data}: content fingerprint differs from the checkpoint's; "
+                        "resume with the data it was trained on")
+    old, new = _flat(state.get("config") or {}), _flat(fconfig.to_dict(cfg))
+    default = _flat(fconfig.to_dict(Config()))
+    diff = [k for k in sorted(set(old) | set(new)) if k not in RESUME_MAY_CHANGE
+            and old.get(k, default.get(k)) != new.get(k)]
+    if diff:
+        shown = ", ".join(f"{k} (checkpoint {old.get(k, default.get(k))!r}, now {new.get(k)!r})" for k in diff[:4])
+        more = f" and {len(diff) - 4} more" if len(diff) > 4 else ""
+        raise fconfig.ConfigError(f"--resume: the config differs from the checkpoint's in {shown}{more}; resume with "
+                                  "the run's own config (--config RUN_DIR/config.yaml) or train into a new --out")
+
+
 def kl_weight(tcfg: TrainConfig, epoch: int) -> float:
     """The share of γ applied in ``epoch``: (epoch + 1) / E over the first E = kl_warmup_epochs, then 1."""
     return min(1.0, (epoch + 1) / tcfg.kl_warmup_epochs) if tcfg.kl_warmup_epochs else 1.0
@@ -622,9 +653,9 @@ def fit(cfg: Config, *, data: Path, out: Path, d: Dist, report: Reporter | None 
     """
     data, out, tcfg = Path(data), Path(out), cfg.train
     meta = read_meta(data)
-    if resume is not None and resume.get("fingerprint") != meta.fingerprint:
-        raise DataError(f"{data}: content fingerprint differs from the checkpoint's; "
-                        "resume with the data it was trained on")
+    check_shards(data, meta)  # every shard, also the test segment's, before the first epoch
+    if resume is not None:
+        check_resume(resume, cfg, meta=meta, data=data)
     if tcfg.cuda_graph and (d.device.type != "cuda" or d.world_size > 1):
         raise ValueError("train.cuda_graph: needs one CUDA device in one process (--gpu, no --workers > 1)")
     seed_all(tcfg.seed)
@@ -910,23 +941,90 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="N > 0 runs Ray Train data-parallel with N workers")
     p.add_argument("--gpu", action="store_true", help="train on GPU(s)")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR's last checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in RUN_DIR (its new results take its place once complete)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: start a local one)")
     return p
 
 
+def _run_marker(out: Path) -> str | None:
+    """The first file or folder of a training run that ``out`` holds (None: not a run folder)."""
+    return next((m for m in RUN_MARKERS if (out / m).exists()), None)
+
+
+def check_cli(cfg: Config, args: argparse.Namespace) -> None:
+    """Everything the command line can get wrong, checked before anything is written or Ray starts."""
+    if args.workers < 0:
+        raise fconfig.ConfigError(f"--workers: expected 0 (train in this process) or N >= 1 Ray Train workers, "
+                                  f"got {args.workers}")
+    local = args.workers == 0 or not (args.address or os.environ.get("RAY_ADDRESS"))
+    if args.gpu and local and not torch.cuda.is_available():
+        raise fconfig.ConfigError("--gpu: no CUDA device is visible here (torch.cuda.is_available() is False); "
+                                  "drop --gpu to train on the CPU")
+    if cfg.train.cuda_graph and (not args.gpu or args.workers > 1):
+        raise fconfig.ConfigError("train.cuda_graph: needs one GPU in one process (--gpu, no --workers > 1)")
+    out = args.out
+    if out.exists() and not out.is_dir():
+        raise fconfig.ConfigError(f"--out {out}: exists and is not a folder; expected a run directory")
+    if args.resume and args.overwrite:
+        raise fconfig.ConfigError("--resume and --overwrite: choose one")
+    marker = _run_marker(out) if out.is_dir() else None
+    if marker and not (args.resume or args.overwrite):
+        raise fconfig.ConfigError(f"--out {out}: already holds a training run ({marker}); pass --resume to continue "
+                                  "it or --overwrite to replace it")
+    if out.is_dir() and not marker and any(out.iterdir()):
+        raise fconfig.ConfigError(f"--out {out}: folder is not empty and holds no training run; "
+                                  "choose a new or empty folder")
+    meta = read_meta(args.data)
+    check_shards(args.data, meta)
+    state_file = out / "checkpoints" / "last" / "state.pt"
+    if args.resume and state_file.is_file():
+        check_resume(load_state(state_file), cfg, meta=meta, data=args.data)
+
+
+def _replace_dir(new: Path, old: Path) -> None:
+    """``new`` takes the place of ``old``: two renames, so that ``old`` is never a mix of both runs."""
+    aside = old.with_name(f".{old.name}.old-{os.getpid()}")
+    os.rename(old, aside)
+    os.rename(new, old)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    work, fresh = args.out, False
     try:
         cfg = load_config(args.config, (DEBUG_PRESET if args.debug else []) + args.overrides)
+        check_cli(cfg, args)
+        if args.overwrite and _run_marker(args.out):
+            # train beside the old run; it is replaced only by a complete new one
+            for stale in args.out.parent.glob(f".{args.out.name}.overwrite-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            work = args.out.with_name(f".{args.out.name}.overwrite-{os.getpid()}")
+        fresh = not work.exists()
         if args.workers > 0:
-            run_ray(cfg, data=args.data, out=args.out, workers=args.workers, gpu=args.gpu,
+            run_ray(cfg, data=args.data, out=work, workers=args.workers, gpu=args.gpu,
                     address=args.address, resume=args.resume)
         else:
-            run_standalone(cfg, data=args.data, out=args.out, gpu=args.gpu, resume=args.resume)
+            run_standalone(cfg, data=args.data, out=work, gpu=args.gpu, resume=args.resume)
+        if work != args.out:
+            _replace_dir(work, args.out)
+            print(f"[fvae] --overwrite: the new run replaced the old one in {args.out}", flush=True)
     except (fconfig.ConfigError, DataError, NonFiniteLossError) as e:
+        _discard(work, fresh=fresh, temporary=work != args.out)
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BaseException:
+        _discard(work, fresh=fresh, temporary=work != args.out)
+        raise
     return 0
+
+
+def _discard(work: Path, *, fresh: bool, temporary: bool) -> None:
+    """A failed run leaves no folder of its own behind unless it holds a checkpoint to resume from
+    (an --overwrite run's folder never: the old run stays in place)."""
+    if temporary or (fresh and work.is_dir() and not (work / "checkpoints" / "last" / "state.pt").is_file()):
+        shutil.rmtree(work, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- Ray Train (the only Ray calls)

@@ -34,6 +34,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from fvae.io import atomic_write_bytes, atomic_write_json
@@ -143,6 +144,26 @@ def check_frame(df: pd.DataFrame, feature_names: list[str], *, where: str) -> No
                 raise DataError(f"{where}: feature '{c}' is NaN on every row")
 
 
+RUN_MARKERS = ("metrics.json", "checkpoints", "best.pt", "config.yaml", "tb", "ray")  # what fvae.train writes
+
+
+def check_out_folder(out: str | Path) -> None:
+    """``--out`` of an export: a new or empty folder, or an earlier shard folder (it is replaced);
+    never a training run's folder or other data."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out}: exists and is not a folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    run = [m for m in RUN_MARKERS if (out / m).exists()]
+    if run:
+        raise DataError(f"--out {out}: holds a training run ({run[0]}); refusing to write shards into it "
+                        "(use an empty folder)")
+    if not ((out / META_FILE).is_file() or (out / SHARD_DIR).is_dir()):
+        raise DataError(f"--out {out}: folder is not empty and holds no {META_FILE} or {SHARD_DIR}/; refusing "
+                        "to overwrite data fvae did not write (use an empty folder)")
+
+
 def write_shards(folder: str | Path, df: pd.DataFrame, meta: Meta) -> Meta:
     """Write ``df`` (one row per stock-day) as yearly shards plus meta.json.
 
@@ -203,6 +224,72 @@ def write_shards(folder: str | Path, df: pd.DataFrame, meta: Meta) -> Meta:
     return meta
 
 
+def check_shards(folder: str | Path, meta: Meta) -> None:
+    """Every shard meta.json lists is there, has the columns and types of the format and the rows
+    meta.json says, and holds no inf label or return: checked from the files' footers and their
+    two target columns, before any training, so that a bad shard is not found after the last epoch.
+    """
+    folder = Path(folder)
+    if not meta.shards:
+        raise DataError(f"{folder / META_FILE}: lists no shards")
+    for s in meta.shards:
+        path = folder / s["file"]
+        if not path.is_file():
+            raise DataError(f"{path}: shard listed in meta.json is missing (re-export the folder)")
+        try:
+            pf = pq.ParquetFile(path)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(f"{path}: unreadable shard ({_first_line(e)})") from None
+        schema = pf.schema_arrow
+        _check_schema(path, schema, meta)
+        if pf.metadata.num_rows != s["rows"]:
+            raise DataError(f"{path}: {pf.metadata.num_rows} rows, meta.json says {s['rows']}")
+        try:
+            table = pf.read(columns=list(TARGET_COLUMNS))
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(f"{path}: unreadable shard ({_first_line(e)})") from None
+        for c in TARGET_COLUMNS:
+            inf = int(pc.sum(pc.is_inf(table.column(c))).as_py() or 0)
+            if inf:
+                raise DataError(f"{path}: column '{c}' holds {inf} inf value(s); expected finite values "
+                                "(NaN marks a missing one)")
+
+
+def _check_schema(path: Path, schema: pa.Schema, meta: Meta) -> None:
+    """One line naming the file and the first column that is missing or of the wrong type."""
+    names = set(schema.names)
+    for c in (*KEY_COLUMNS, *meta.feature_names, *TARGET_COLUMNS):
+        if c not in names:
+            what = "a feature in meta.json" if c in meta.feature_names else "a column of every shard"
+            raise DataError(f"{path}: column '{c}' is missing ({what})")
+    t = schema.field("datetime").type
+    if not pa.types.is_timestamp(t):
+        raise DataError(f"{path}: column 'datetime' has type {t}, expected timestamp")
+    t = schema.field("instrument").type
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
+        raise DataError(f"{path}: column 'instrument' has type {t}, expected string")
+    for c in (*meta.feature_names, *TARGET_COLUMNS):
+        t = schema.field(c).type
+        if not pa.types.is_floating(t):
+            raise DataError(f"{path}: column '{c}' has type {t}, expected float")
+
+
+def _read_error(path: Path, columns: list[str] | None, e: BaseException) -> str:
+    """Why a shard could not be read, in one line: Arrow's message for a missing column is the
+    file's whole schema, one line per column."""
+    try:
+        missing = [c for c in columns or [] if c not in pq.read_schema(path).names]
+    except (pa.ArrowInvalid, OSError):
+        missing = []
+    return f"column(s) {missing[:5]} missing" if missing else f"unreadable shard ({_first_line(e)})"
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
 def read_rows(folder: str | Path, meta: Meta, start: pd.Timestamp, end: pd.Timestamp,
               columns: list[str] | None = None) -> pd.DataFrame:
     """Rows with start <= datetime <= end from the shards that overlap that range."""
@@ -217,7 +304,7 @@ def read_rows(folder: str | Path, meta: Meta, start: pd.Timestamp, end: pd.Times
         try:
             table = pq.read_table(path, columns=columns)
         except (pa.ArrowInvalid, OSError) as e:
-            raise DataError(f"{path}: unreadable shard ({e})") from None
+            raise DataError(f"{path}: {_read_error(path, columns, e)}") from None
         if table.num_rows != s["rows"]:
             raise DataError(f"{path}: {table.num_rows} rows, meta.json says {s['rows']}")
         parts.append(table.to_pandas())
