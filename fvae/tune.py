@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from fvae import config as fconfig
-from fvae.data.shards import DataError, read_meta
+from fvae.data.shards import DataError, check_shards, read_meta
 from fvae.io import atomic_write_json, pyplot
 from fvae.space import SearchSpace, SpaceError, load_space
 from fvae.study import STUDY_FILE, storage_url
@@ -117,6 +117,30 @@ def plan_concurrency(*, cluster: dict[str, float], requested: int | None, worker
                        "unless an autoscaler adds them")
 
 
+def check_options(*, num_samples: int, workers: int, gpus_per_trial: float = 0.0, cpus_per_worker: float = 1.0,
+                  max_concurrent_trials: int | None = None, grace_period: int = 1,
+                  time_budget_s: float | None = None, num_cpus: int | None = None, out: Path | None = None) -> None:
+    """The search's options, checked before Ray starts (or a synthetic market is written)."""
+    if out is not None and out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder; expected an experiment directory")
+
+    def need(ok: bool, flag: str, expected: str, got: object) -> None:
+        if not ok:
+            raise ValueError(f"{flag}: expected {expected}, got {got}")
+
+    need(num_samples >= 1, "--num-samples", "at least 1 trial", num_samples)
+    need(workers >= 1, "--workers-per-trial", "at least 1 Ray Train worker", workers)
+    need(math.isfinite(gpus_per_trial) and gpus_per_trial >= 0, "--gpus-per-trial", "a number >= 0", gpus_per_trial)
+    need(math.isfinite(cpus_per_worker) and cpus_per_worker > 0, "--cpus-per-worker", "a number > 0",
+         cpus_per_worker)
+    need(max_concurrent_trials is None or max_concurrent_trials >= 1, "--max-concurrent", "at least 1",
+         max_concurrent_trials)
+    need(grace_period >= 1, "--grace-period", "at least 1 epoch", grace_period)
+    need(time_budget_s is None or (math.isfinite(time_budget_s) and time_budget_s > 0), "--time-budget-s",
+         "a number of seconds > 0", time_budget_s)
+    need(num_cpus is None or num_cpus >= 1, "--num-cpus", "at least 1", num_cpus)
+
+
 def run_search(*, data: Path, space_path: Path, num_samples: int, exp_dir: Path, resume: bool = False,
                workers: int = 1, gpus_per_trial: float = 0.0, cpus_per_worker: float = 1.0, seed: int = 0,
                base_config: Path | None = None, grace_period: int = 1, reduction_factor: int = 2,
@@ -130,12 +154,22 @@ def run_search(*, data: Path, space_path: Path, num_samples: int, exp_dir: Path,
 
     from fvae.searcher import KeptOptunaSearch
 
+    check_options(num_samples=num_samples, workers=workers, gpus_per_trial=gpus_per_trial,
+                  cpus_per_worker=cpus_per_worker, max_concurrent_trials=max_concurrent_trials,
+                  grace_period=grace_period, time_budget_s=time_budget_s, num_cpus=num_cpus, out=exp_dir)
     space = load_space(space_path, base=base_config)
     meta = read_meta(data)  # fail fast on bad data, before any trial starts
+    check_shards(data, meta)
     base_cfg = resolve_trial_config(space, {}, base=base_config)
     exp_dir = exp_dir.resolve()
     tune_dir = exp_dir / "tune"
     gpus_per_worker = gpus_per_trial / workers if workers else 0.0
+
+    if resume and not tune.Tuner.can_restore(str(tune_dir)):
+        raise FileNotFoundError(f"--resume: no search to resume in {tune_dir}")
+    if not resume and (tune_dir.exists() or (exp_dir / STUDY_FILE).exists()):
+        raise FileExistsError(f"{exp_dir} already holds a search; pass --resume to continue it "
+                              "or choose another --out")
 
     init_ray(address=address, num_cpus=num_cpus)
     concurrent, warning = plan_concurrency(cluster=ray.cluster_resources(), requested=max_concurrent_trials,
@@ -150,15 +184,10 @@ def run_search(*, data: Path, space_path: Path, num_samples: int, exp_dir: Path,
     trainable = tune.with_resources(tune.with_parameters(_trial, setup=setup), {"CPU": DRIVER_CPUS})
 
     if resume:
-        if not tune.Tuner.can_restore(str(tune_dir)):
-            raise FileNotFoundError(f"--resume: no search to resume in {tune_dir}")
         print(f"[fvae.tune] resuming the search in {tune_dir}", flush=True)
         tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True,
                                    resume_errored=False)
     else:
-        if tune_dir.exists() or (exp_dir / STUDY_FILE).exists():
-            raise FileExistsError(f"{exp_dir} already holds a search; pass --resume to continue it "
-                                  "or choose another --out")
         # the study lives in EXP_DIR/optuna.db; Tune's searcher checkpoint keeps the sampler and
         # which trial is which, so --resume continues the same study
         searcher = KeptOptunaSearch(space=space.suggest, metric=space.metric, mode=space.mode,
@@ -334,6 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_options(num_samples=args.num_samples, workers=args.workers_per_trial,
+                      gpus_per_trial=args.gpus_per_trial, cpus_per_worker=args.cpus_per_worker,
+                      max_concurrent_trials=args.max_concurrent, grace_period=args.grace_period,
+                      time_budget_s=args.time_budget_s, num_cpus=args.num_cpus, out=args.out)
         data = args.data
         if data is None:
             data = args.out / "data"
