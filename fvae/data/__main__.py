@@ -57,16 +57,23 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "synthetic":
+            from fvae.data.shards import check_out_folder
             from fvae.data.synthetic import SyntheticConfig, write_synthetic
 
-            cfg = SyntheticConfig(stocks=args.stocks, days=args.days, seed=args.seed, factors=args.factors,
-                                  lookback=args.lookback, snr=args.snr)
+            try:
+                cfg = SyntheticConfig(stocks=args.stocks, days=args.days, seed=args.seed, factors=args.factors,
+                                      lookback=args.lookback, snr=args.snr)
+            except ValueError as e:  # SyntheticConfig names its fields; here they are flags
+                raise DataError(f"--{e}") from None
+            check_out_folder(args.out)
             meta = write_synthetic(args.out, cfg)
             print(f"wrote {sum(meta.rows.values())} rows to {args.out}; ceiling Rank IC {meta.extra['ceiling_rank_ic']}")
         elif args.command == "import-ohlcv":
             from fvae.data.qlib_io import import_ohlcv
 
             info = import_ohlcv(args.input, out=args.out, market=args.market)
+            for w in info.get("warnings", []):
+                print(f"warning: {w}", file=sys.stderr)
             print(f"wrote qlib data to {args.out}: {info}")
         elif args.command == "export":
             from fvae.data.qlib_io import DEFAULT_LABEL, export

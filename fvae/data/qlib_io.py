@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 
 from fvae.data.process import CLIP, cs_rank_norm, robust_zscore_apply, robust_zscore_fit
-from fvae.data.shards import DataError, Meta, write_shards
+from fvae.data.shards import DataError, Meta, check_out_folder, write_shards
 from fvae.io import atomic_write_bytes, atomic_write_json
 from fvae.progress import bar
 
@@ -104,6 +104,7 @@ def import_ohlcv(input_path: str | Path, *, out: str | Path, market: str = "all"
         raise DataError(f"--market: {market!r} is not a valid instrument list name (letters, digits, _ or -)")
     panel, notes = _read_panel(input_path)
     where = str(input_path)
+    warnings, checks = _check_prices(panel, where=where)
 
     # calendar and per-row calendar index
     dates = panel["date"].to_numpy(dtype="datetime64[ns]")
@@ -153,6 +154,8 @@ def import_ohlcv(input_path: str | Path, *, out: str | Path, market: str = "all"
         "fields": list(FIELDS),
         "factor": notes["factor"],
         "vwap_approx": notes["vwap_approx"],
+        "price_checks": checks,
+        "warnings": warnings,
         "written_by": "fvae.data.qlib_io.import_ohlcv",
     }
     atomic_write_json(out / IMPORT_INFO, info)
@@ -328,6 +331,58 @@ def _numeric(col: pd.Series, *, where: str, column: str, symbols: pd.Series, dat
                             f"{col.iat[i]!r} ({symbols.iat[i]} on {dates.iat[i].date()}); expected numbers")
         col = conv
     return col.astype(np.float64)
+
+
+_PRICES = ("open", "high", "low", "close", "adjusted_close", "vwap")
+
+
+def _check_prices(panel: pd.DataFrame, *, where: str) -> tuple[list[str], dict[str, int]]:
+    """Prices and volumes that cannot be right: an error for what no reading can fix (inf, negative,
+    a symbol without a single close, no volume at all); a one-line warning, with its count, for what
+    is read as a missing bar (zero prices, high < low: set to NaN) or kept (a symbol that never
+    traded a share). ``panel`` is changed in place. Returns (warnings, counts) for fvae_import.json."""
+    def first(bad: np.ndarray) -> str:
+        i = int(np.argmax(bad))
+        return f"{panel['symbol'].iat[i]} on {panel['date'].iat[i].date()}"
+
+    for c in (*_PRICES, "volume"):
+        v = panel[c].to_numpy()
+        for bad, what in ((np.isinf(v), "inf"), (v < 0, "negative")):
+            if bad.any():
+                raise DataError(f"{where}: column {c!r} holds {int(bad.sum())} {what} value(s), first {first(bad)}; "
+                                "expected finite numbers >= 0 (leave a missing value empty)")
+    nan_close = panel["close"].isna().groupby(panel["symbol"], sort=False).all()
+    if nan_close.any():
+        dead = nan_close.index[nan_close.to_numpy()]
+        raise DataError(f"{where}: symbol {dead[0]!r} has no 'close' on any of its rows"
+                        f"{f' (and {len(dead) - 1} more symbols)' if len(dead) > 1 else ''}; "
+                        "drop it or give its prices")
+    volume = panel["volume"].to_numpy()
+    if not (volume > 0).any():
+        raise DataError(f"{where}: column 'volume' is 0 or missing on every row; the volume features would be "
+                        "constant (expected traded volumes)")
+    warnings: list[str] = []
+    zero = np.zeros(len(panel), dtype=bool)
+    for c in _PRICES:
+        z = (panel[c] == 0).to_numpy()
+        if z.any():
+            panel.loc[z, c] = np.nan
+            zero |= z
+    if zero.any():
+        warnings.append(f"{where}: {int(zero.sum())} row(s) with a zero price (first {first(zero)}): those prices "
+                        "are set to NaN (a zero close makes the whole bar missing)")
+    inverted = (panel["high"] < panel["low"]).to_numpy()
+    if inverted.any():
+        panel.loc[inverted, ["high", "low"]] = np.nan
+        warnings.append(f"{where}: {int(inverted.sum())} row(s) with high < low (first {first(inverted)}): their "
+                        "high and low are set to NaN")
+    never = (panel["volume"].fillna(0) == 0).groupby(panel["symbol"], sort=False).all()
+    if never.any():
+        names = never.index[never.to_numpy()]
+        warnings.append(f"{where}: {len(names)} symbol(s) with volume 0 on every row (first {names[0]}): kept, "
+                        "their volume features are constant")
+    return warnings, {"zero_price_rows": int(zero.sum()), "high_below_low_rows": int(inverted.sum()),
+                      "zero_volume_symbols": int(never.sum())}
 
 
 def _qlib_fields(panel: pd.DataFrame, starts: np.ndarray) -> np.ndarray:
@@ -895,6 +950,7 @@ def export(*, provider_uri: str | Path, region: str, market: str, handler: str, 
         raise DataError(f"--lookback: {lookback} must be at least 1")
     if not label or not label.strip():
         raise DataError("--label: empty expression")
+    check_out_folder(out)
     qdir = open_qlib_dir(provider_uri, market)
     seg = check_segments(qdir.calendar, train=train, valid=valid, test=test)
     # the daily layout's windows need T-1 trading days before the first training day: export them
@@ -917,6 +973,8 @@ def export(*, provider_uri: str | Path, region: str, market: str, handler: str, 
         extra["vwap_approx"] = qdir.import_info["vwap_approx"]
     if raw.vwap:
         extra["vwap"] = raw.vwap
+    if qdir.import_info.get("warnings"):
+        extra["import_warnings"] = qdir.import_info["warnings"]
     meta = Meta(source=f"qlib:{provider_uri}", handler=handler, market=market, layout=raw.layout,
                 lookback=raw.lookback, channels=raw.channels, feature_names=raw.feature_names,
                 label_expr=label, segments=seg.as_meta(), norm=norm, extra=extra)

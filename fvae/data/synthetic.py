@@ -31,6 +31,7 @@ the shards, and ``truth.parquet`` (datetime, z_true_k: the realised factor retur
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,12 +64,20 @@ class SyntheticConfig:
     def __post_init__(self) -> None:
         if self.stocks < 2:
             raise ValueError(f"stocks: expected at least 2, got {self.stocks}")
+        if self.smooth < 1:
+            raise ValueError(f"smooth: expected >= 1, got {self.smooth}")
+        if self.lookback < self.smooth:
+            raise ValueError(f"lookback: expected at least {self.smooth} (the days the planted signal averages), "
+                             f"got {self.lookback}")
         if self.days < 3 * self.lookback:
-            raise ValueError(f"days: expected at least 3 x lookback = {3 * self.lookback}, got {self.days}")
-        if self.factors < 1 or self.channels < 3:
-            raise ValueError("factors: expected >= 1 and channels >= 3")
-        if not 1 <= self.smooth <= self.lookback:
-            raise ValueError(f"smooth: expected 1..lookback ({self.lookback}), got {self.smooth}")
+            raise ValueError(f"days: expected at least 3 x lookback ({self.lookback}) = {3 * self.lookback}, "
+                             f"got {self.days}")
+        if self.factors < 1:
+            raise ValueError(f"factors: expected >= 1, got {self.factors}")
+        if self.channels < 3:
+            raise ValueError(f"channels: expected >= 3, got {self.channels}")
+        if not (math.isfinite(self.snr) and self.snr >= 0):
+            raise ValueError(f"snr: expected a finite number >= 0, got {self.snr}")
         if not 0.0 <= self.churn < 1.0:
             raise ValueError(f"churn: expected 0 <= churn < 1, got {self.churn}")
 
