@@ -200,6 +200,7 @@ def load_market(pred: str | Path, *, data: str | Path | None = None, need_risk: 
                             "were the predictions made on this data?")
     market = Market(dates=dates, instruments=instruments, score=score, ret=ret, universe=np.isfinite(ret),
                     source=source)
+    _check_overlap(market, df, rows, pred_path=pred_path, returns=source["returns"])
 
     betas = sorted((c for c in df.columns if c.startswith("beta_")), key=lambda c: int(c.split("_")[1]))
     fpath = factors_path_for(pred_path)
@@ -224,6 +225,23 @@ def load_market(pred: str | Path, *, data: str | Path | None = None, need_risk: 
                f"{pred_path} lacks beta_k/sigma_alpha columns")
         raise DataError(f"mean-variance needs the model's risk model: {why}")
     return market
+
+
+def _check_overlap(market: Market, df: pd.DataFrame, rows: pd.DataFrame, *, pred_path: Path, returns: str) -> None:
+    """A backtest needs stock-days with both a finite score and a realised return; without one it
+    would report a complete-looking run whose every return is 0."""
+    if not np.isfinite(market.score).any():
+        raise DataError(f"{pred_path}: column 'score' has no finite value on any of its {len(df)} rows; "
+                        "expected model scores")
+    if market.tradable.any():
+        return
+    span = f"{market.dates[0].date()}..{market.dates[-1].date()}"
+    if rows.empty:
+        raise DataError(f"{pred_path}: no realised return from {returns} on any of its {len(market.dates)} days "
+                        f"({span}); were the predictions made on this data?")
+    raise DataError(f"{pred_path}: none of its {df['instrument'].nunique()} instruments (e.g. "
+                    f"{df['instrument'].iloc[0]}) has both a score and a realised return from {returns} on its "
+                    f"days ({span}); were the predictions made on this data?")
 
 
 def read_benchmark_csv(path: str | Path, dates: pd.DatetimeIndex) -> np.ndarray:
@@ -520,13 +538,13 @@ def run_backtest(pred: str | Path, *, out: str | Path, data: str | Path | None =
                  cfg: BacktestConfig = BacktestConfig(), progress: bool = True) -> dict[str, Any]:
     """Backtest every strategy of ``cfg`` on ``pred`` and write the outputs to ``out``; returns backtest.json."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     market = load_market(pred, data=data, need_risk="mv" in cfg.strategies)
     if cfg.benchmark is not None:
         bench, bench_name = read_benchmark_csv(cfg.benchmark, market.dates), f"index {cfg.benchmark}"
     else:
         bench, bench_name = equal_weight_benchmark(market), "equal-weighted universe"
     D, N = market.score.shape
+    out.mkdir(parents=True, exist_ok=True)  # only once the inputs have been read and checked
     if progress:
         print(f"[backtest] {D} days x {N} stocks from {market.source['predictions']}; benchmark: {bench_name}",
               flush=True)

@@ -548,12 +548,16 @@ def run_baselines(data: str | Path, *, out: str | Path, models: tuple[str, ...] 
     if cfg.gpu and not torch.cuda.is_available():
         raise ValueError("--gpu: no CUDA device is visible")
     device = torch.device("cuda", 0) if cfg.gpu else torch.device("cpu")
-    out.mkdir(parents=True, exist_ok=True)
+    if robustness < 0:
+        raise ValueError(f"--robustness: expected M >= 2 stocks to hold out (or 0: none), got {robustness}")
     full = load_split(data)
+    # every seed's held-out stocks before anything is written: an impossible M leaves --out untouched
+    holdouts = {seed: choose_holdout(full, robustness, seed=seed) if robustness else None for seed in seeds}
+    out.mkdir(parents=True, exist_ok=True)
     runs = _done_runs(out, data=data, cfg=cfg, robustness=robustness, models=models, seeds=seeds,
                       progress=progress)
     for seed in seeds:
-        holdout = choose_holdout(full, robustness, seed=seed) if robustness else None
+        holdout = holdouts[seed]
         split = load_split(data, holdout=holdout) if holdout else full
         on_device: Split | None = None  # the networks' copy, made when the first of them runs
         fv_data = data

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from fvae.data.shards import DataError
-from fvae.io import atomic_write_json, pyplot
+from fvae.io import atomic_write, atomic_write_json, pyplot
 from fvae.progress import bar
 
 DEFAULT_SECTORS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sp500" / "constituents.csv"
@@ -90,7 +90,12 @@ def sector_returns(pred: pd.DataFrame, sectors_csv: Path) -> tuple[pd.DataFrame 
     """Equal-weighted daily sector returns (D, S) of the run's stocks, or None and why not."""
     if not sectors_csv.is_file():
         return None, f"sector file {sectors_csv} not found"
-    table = pd.read_csv(sectors_csv)
+    try:
+        table = pd.read_csv(sectors_csv)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{sectors_csv}: empty file; expected columns Symbol and Sector") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, OSError) as e:
+        raise DataError(f"{sectors_csv}: unreadable CSV file ({str(e).splitlines()[0]})") from None
     missing = [c for c in ("Symbol", "Sector") if c not in table.columns]
     if missing:
         raise DataError(f"{sectors_csv}: missing column(s) {missing}; expected Symbol and Sector")
@@ -114,8 +119,9 @@ def analyze_factors(run_dir: str | Path, *, out: str | Path, segment: str = "tes
                     sectors: str | Path | None = DEFAULT_SECTORS, progress: bool = True) -> dict[str, Any]:
     """Factor return series, correlations, clustering and sector links; writes PNGs + factors.json."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     pred, fac, K = load_factor_inputs(run_dir, segment=segment)
+    # the sector file is read before anything is written: a bad one leaves no folder and no PNGs
+    sec, sec_why = sector_returns(pred, Path(sectors)) if sectors is not None else (None, "")
     z, r2 = realised_factor_returns(pred, K, progress=progress)
     prior = fac[[f"mu_z_{k}" for k in range(K)]].copy()
     prior.columns = [f"f{k}" for k in range(K)]
@@ -137,6 +143,7 @@ def analyze_factors(run_dir: str | Path, *, out: str | Path, segment: str = "tes
     res["prior_corr"] = _matrix(prior.corr()) if K > 1 else None
 
     plt = pyplot()
+    out.mkdir(parents=True, exist_ok=True)
 
     fig, ax = plt.subplots(1, 2, figsize=(12, 3.8))
     for f in names:
@@ -149,7 +156,7 @@ def analyze_factors(run_dir: str | Path, *, out: str | Path, segment: str = "tes
         a.legend(fontsize=7, ncol=2)
         a.tick_params(axis="x", labelrotation=30)
     fig.tight_layout()
-    fig.savefig(out / "factor_returns.png", dpi=100)
+    _save(fig, out / "factor_returns.png")
     plt.close(fig)
     plots = ["factor_returns.png"]
 
@@ -158,7 +165,7 @@ def analyze_factors(run_dir: str | Path, *, out: str | Path, segment: str = "tes
         for a, m, title in ((ax[0], corr, "realised factor returns"), (ax[1], prior.corr(), "prior μ_z series")):
             _heatmap(a, m.to_numpy(), names, names, title, fig)
         fig.tight_layout()
-        fig.savefig(out / "factor_corr.png", dpi=100)
+        _save(fig, out / "factor_corr.png")
         plt.close(fig)
         plots.append("factor_corr.png")
 
@@ -174,7 +181,7 @@ def analyze_factors(run_dir: str | Path, *, out: str | Path, segment: str = "tes
         a.set_title("Factor clustering (average linkage, 1 − |ρ|)", fontsize=10)
         a.set_ylabel("distance")
         fig.tight_layout()
-        fig.savefig(out / "factor_dendrogram.png", dpi=100)
+        _save(fig, out / "factor_dendrogram.png")
         plt.close(fig)
         plots.append("factor_dendrogram.png")
         res["cluster_order"] = list(dn["ivl"])
@@ -186,7 +193,7 @@ def analyze_factors(run_dir: str | Path, *, out: str | Path, segment: str = "tes
     if sectors is None:
         res["sectors"]["reason"] = "sector analysis switched off"
     else:
-        sec, why = sector_returns(pred, Path(sectors))
+        why = sec_why
         res["sectors"]["reason" if sec is None else "matched"] = why
         if sec is not None:
             both = z.join(sec, how="inner")
@@ -199,7 +206,7 @@ def analyze_factors(run_dir: str | Path, *, out: str | Path, segment: str = "tes
             _heatmap(a, sc.to_numpy(dtype=float), list(sec.columns), names,
                      "Correlation: realised factor returns × sector returns", fig)
             fig.tight_layout()
-            fig.savefig(out / "factor_sectors.png", dpi=100)
+            _save(fig, out / "factor_sectors.png")
             plt.close(fig)
             plots.append("factor_sectors.png")
     if progress and not res["sectors"]["available"]:
@@ -210,6 +217,11 @@ def analyze_factors(run_dir: str | Path, *, out: str | Path, segment: str = "tes
         print(f"[factors] {K} factors over {len(z)} days, mean cross-sectional R² "
               f"{res['mean_cross_sectional_r2']:.3f}; wrote {', '.join(plots)} to {out}", flush=True)
     return res
+
+
+def _save(fig: Any, path: Path) -> None:
+    """A PNG that is whole or absent."""
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
 
 
 def _heatmap(ax: Any, m: np.ndarray, xlabels: list[str], ylabels: list[str], title: str, fig: Any) -> None:

@@ -199,6 +199,10 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def find_baselines(inp: Inputs, explicit: list[Path] | None) -> list[Path]:
     if explicit:
+        missing = [p for p in explicit if not Path(p).is_file()]
+        if missing:  # asked for by name: never skipped in silence
+            raise ReportError(f"--baselines {missing[0]}: file not found (expected a baselines.json of "
+                              "python -m fvae.baselines)")
         return [Path(p) for p in explicit]
     dirs = [d for d in (inp.run_dir, inp.source) if d is not None]
     # the usual names first (the first file without a robustness experiment gives the main rows), then any
