@@ -367,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
                       gpus_per_trial=args.gpus_per_trial, cpus_per_worker=args.cpus_per_worker,
                       max_concurrent_trials=args.max_concurrent, grace_period=args.grace_period,
                       time_budget_s=args.time_budget_s, num_cpus=args.num_cpus, out=args.out)
+        load_space(args.space, base=args.config)  # a bad space file fails before a market is generated
         data = args.data
         if data is None:
             data = args.out / "data"
