@@ -121,7 +121,7 @@ def analyze_factors(run_dir: str | Path, *, out: str | Path, segment: str = "tes
     out = Path(out)
     pred, fac, K = load_factor_inputs(run_dir, segment=segment)
     # the sector file is read before anything is written: a bad one leaves no folder and no PNGs
-    sec, sec_why = sector_returns(pred, Path(sectors)) if sectors is not None else (None, "")
+    sec, why = sector_returns(pred, Path(sectors)) if sectors is not None else (None, "")
     z, r2 = realised_factor_returns(pred, K, progress=progress)
     prior = fac[[f"mu_z_{k}" for k in range(K)]].copy()
     prior.columns = [f"f{k}" for k in range(K)]
@@ -193,7 +193,6 @@ def analyze_factors(run_dir: str | Path, *, out: str | Path, segment: str = "tes
     if sectors is None:
         res["sectors"]["reason"] = "sector analysis switched off"
     else:
-        why = sec_why
         res["sectors"]["reason" if sec is None else "matched"] = why
         if sec is not None:
             both = z.join(sec, how="inner")

@@ -1,7 +1,7 @@
 """Training: one loop, run standalone or as Ray Train's ``train_loop_per_worker``.
 
     python -m fvae.train --data DIR --out RUN_DIR [--config FILE] [--set key=value ...]
-                         [--workers N] [--gpu] [--resume]
+                         [--workers N] [--gpu] [--resume | --overwrite]
 
 The loop (``fit``) only knows torch and torch.distributed. Standalone it runs in
 this process; with ``--workers N`` the driver builds a Ray Train TorchTrainer whose
@@ -992,30 +992,31 @@ def _replace_dir(new: Path, old: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    work, fresh = args.out, False
+    work, fresh, temporary = args.out, False, False
     try:
         cfg = load_config(args.config, (DEBUG_PRESET if args.debug else []) + args.overrides)
         check_cli(cfg, args)
         if args.overwrite and _run_marker(args.out):
             # train beside the old run; it is replaced only by a complete new one
-            for stale in args.out.parent.glob(f".{args.out.name}.overwrite-*"):
+            target = args.out.resolve()
+            for stale in target.parent.glob(f".{target.name}.overwrite-*"):  # left by a killed overwrite
                 shutil.rmtree(stale, ignore_errors=True)
-            work = args.out.with_name(f".{args.out.name}.overwrite-{os.getpid()}")
+            work, temporary = target.with_name(f".{target.name}.overwrite-{os.getpid()}"), True
         fresh = not work.exists()
         if args.workers > 0:
             run_ray(cfg, data=args.data, out=work, workers=args.workers, gpu=args.gpu,
                     address=args.address, resume=args.resume)
         else:
             run_standalone(cfg, data=args.data, out=work, gpu=args.gpu, resume=args.resume)
-        if work != args.out:
-            _replace_dir(work, args.out)
+        if temporary:
+            _replace_dir(work, args.out.resolve())
             print(f"[fvae] --overwrite: the new run replaced the old one in {args.out}", flush=True)
     except (fconfig.ConfigError, DataError, NonFiniteLossError) as e:
-        _discard(work, fresh=fresh, temporary=work != args.out)
+        _discard(work, fresh=fresh, temporary=temporary)
         print(f"error: {e}", file=sys.stderr)
         return 2
     except BaseException:
-        _discard(work, fresh=fresh, temporary=work != args.out)
+        _discard(work, fresh=fresh, temporary=temporary)
         raise
     return 0
 
