@@ -641,17 +641,44 @@ def kl_weight(tcfg: TrainConfig, epoch: int) -> float:
     return min(1.0, (epoch + 1) / tcfg.kl_warmup_epochs) if tcfg.kl_warmup_epochs else 1.0
 
 
+TIMINGS_FILE = "timings.json"
+
+
+class Timings:
+    """A run's fixed costs in seconds, outside its epochs: what a search's per-trial overhead is
+    made of. Rank 0 writes them to RUN_DIR/timings.json (``python -m fvae.bench tune`` sums them)."""
+
+    def __init__(self, out: Path | None, *, started: float | None) -> None:
+        self.path = out / TIMINGS_FILE if out is not None else None
+        # the caller's start-up before fit (a Tune trial: Ray Train's controller and worker group)
+        self.t: dict[str, Any] = {} if started is None else {"started_at": started, "start_s": time.time() - started}
+        self.mark = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        """Charge the time since the last mark to ``name``."""
+        now = time.perf_counter()
+        self.t[name] = self.t.get(name, 0.0) + now - self.mark
+        self.mark = now
+
+    def write(self, **facts: Any) -> None:
+        self.t.update(facts)
+        if self.path is not None:
+            atomic_write_json(self.path, {**self.t, "written_at": time.time()})
+
+
 def fit(cfg: Config, *, data: Path, out: Path, d: Dist, report: Reporter | None = None,
         resume: dict[str, Any] | None = None,
         on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
-        write_outputs: bool = True) -> dict[str, Any]:
+        write_outputs: bool = True, started: float | None = None) -> dict[str, Any]:
     """Train, early-stop on validation Rank ICIR, write outputs on rank 0. Returns metrics.
 
     ``report(metrics, checkpoint_dir)`` is called once per epoch on every rank (rank 0
     passes the checkpoint folder; the others pass None). ``resume`` is a state dict from a
-    checkpoint to continue from.
+    checkpoint to continue from. ``started`` (a ``time.time()``) is when the caller began, so
+    that timings.json includes the caller's start-up.
     """
     data, out, tcfg = Path(data), Path(out), cfg.train
+    tm = Timings(out if d.is_main else None, started=started)
     meta = read_meta(data)
     check_shards(data, meta)  # every shard, also the test segment's, before the first epoch
     if resume is not None:
@@ -660,13 +687,17 @@ def fit(cfg: Config, *, data: Path, out: Path, d: Dist, report: Reporter | None 
         raise ValueError("train.cuda_graph: needs one CUDA device in one process (--gpu, no --workers > 1)")
     seed_all(tcfg.seed)
     train_p, valid_p = (load_panel(data, s, meta=meta, handler=cfg.data.handler).to(d.device) for s in ("train", "valid"))
+    tm.lap("data_load_s")
     run = build_run(cfg, panel=train_p, d=d, num_features=meta.channels)
     start, history, stopper = restore(run, resume, cfg=cfg, d=d)
+    tm.lap("build_s")
     step = make_step(cfg, run, train_p, d)
+    tm.lap("step_setup_s")  # a GraphStep captures its CUDA graph here
     writer = _TensorBoard(out / "tb", cfg) if d.is_main and write_outputs else None
     if d.is_main:
         fconfig.dump(cfg, out / "config.yaml")
         _announce(cfg, train_p, valid_p, d)
+    tm.write(data_source=train_p.source)
 
     def after_epoch(row: dict[str, Any]) -> None:
         ckpt = save_checkpoint(out, run, cfg=cfg, meta=meta, history=history, stopper=stopper, d=d) \
@@ -700,11 +731,14 @@ def fit(cfg: Config, *, data: Path, out: Path, d: Dist, report: Reporter | None 
               "epochs_run": len(history)}
     if stopper.best_state is not None:
         run.model.load_state_dict(stopper.best_state)
+    tm.mark = time.perf_counter()  # the epochs are timed in the history, not here
     if d.is_main and write_outputs:
         result.update(write_run_outputs(run.model, cfg, meta, data=data, out=out, history=history,
                                         best=stopper.state_dict()["best"], device=d.device))
         if writer:
             writer.close(result)
+        tm.lap("outputs_s")
+    tm.write(epochs_s=sum(h.get("seconds", 0.0) for h in history if h["epoch"] >= start), fit_end=time.time())
     return result
 
 
@@ -1049,21 +1083,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         resume = load_state(out / "checkpoints" / "last")
 
     def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
-        # Tune's results take scalars: lists (kl_per_factor) stay in metrics.json; NaN is left out
-        clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
-        if checkpoint_dir is not None:
-            ray.train.report(clean, checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint_dir)))
-        else:
-            ray.train.report(clean)
+        ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
+        ray.train.report(scalar_metrics(metrics), checkpoint=ckpt)
 
     fit(cfg, data=Path(config["data"]), out=out,
         d=Dist(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(), device=device),
-        report=report, resume=resume, write_outputs=config.get("write_outputs", True))
+        report=report, resume=resume, write_outputs=config.get("write_outputs", True), started=config.get("started"))
+
+
+def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """What Ray reports take: finite scalars (lists such as kl_per_factor stay in metrics.json)."""
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
 
 
 def make_trainer(cfg: Config, *, data: Path, out: Path, workers: int, gpu: bool, storage_path: str,
                  name: str, callbacks: list | None = None, resources_per_worker: dict | None = None,
-                 resume: bool = False, max_failures: int = 0):
+                 resume: bool = False, max_failures: int = 0, started: float | None = None):
     """A TorchTrainer that runs ``train_loop_per_worker`` on ``workers`` DDP ranks."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -1071,7 +1106,7 @@ def make_trainer(cfg: Config, *, data: Path, out: Path, workers: int, gpu: bool,
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": fconfig.to_dict(cfg), "data": str(Path(data).resolve()),
-                           "out": str(Path(out).resolve()), "resume": resume},
+                           "out": str(Path(out).resolve()), "resume": resume, "started": started},
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu,
                                      resources_per_worker=resources_per_worker),

@@ -1,12 +1,15 @@
 """Distributed hyperparameter search: Ray Tune + Optuna (TPE) + ASHA over Ray Train trials.
 
     python -m fvae.tune [--data DIR] --space search_spaces/NAME.yaml --num-samples N --out EXP_DIR
-                        [--resume] [--workers-per-trial W] [--gpus-per-trial G]
+                        [--resume] [--workers-per-trial W] [--gpus-per-trial G] [--ray-train] [--no-fast-path]
 
 Runs the same locally and as ``ray job submit -- python -m fvae.tune ...``. Without
 ``--data`` it searches the embedded default: a synthetic market generated into
-EXP_DIR/data. Each trial is a Tune function (``_trial``) that builds a Ray Train
-TorchTrainer (Ray Train V2); metrics flow back through TuneReportCallback. The space
+EXP_DIR/data. Each trial is a Tune function (``_trial``). A 1-worker trial runs ``fit`` in
+its own process and reports through ``tune.report``; a multi-worker (data-parallel) trial
+builds a Ray Train TorchTrainer (Ray Train V2) whose metrics flow back through
+TuneReportCallback (``--ray-train`` sends 1-worker trials that way too). Before the first
+trial, the driver fills the shards' panel cache, so no trial parses the Parquet. The space
 file's ``metric:`` and ``mode:`` drive everything: TPE and ASHA (which stops weak trials
 on the per-epoch value) optimise them, and the best trial is the one whose best epoch
 has the highest value for ``mode: max``, the lowest for ``mode: min`` (ties: the lower
@@ -28,6 +31,7 @@ trial writes its run directory there, and Tune keeps its state there.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 import sys
@@ -40,46 +44,145 @@ from fvae.data.shards import DataError, check_shards, read_meta
 from fvae.io import atomic_write_json, pyplot
 from fvae.space import SearchSpace, SpaceError, load_space
 from fvae.study import STUDY_FILE, storage_url
-from fvae.train import Config, NonFiniteLossError, init_ray, load_config, load_state
+from fvae.train import TIMINGS_FILE, Config, NonFiniteLossError, init_ray, load_config, load_state
 
 DRIVER_CPUS = 0.1  # a trial's driver only waits on its Train workers
 
 
-def resolve_trial_config(space: SearchSpace, params: dict[str, Any], *, base: Path | None) -> Config:
-    """The full Config a trial trains with: base YAML, then the space's fixed values and params."""
+def resolve_trial_config(space: SearchSpace, params: dict[str, Any], *, base: Path | None,
+                         first: list[str] | None = None) -> Config:
+    """The full Config a trial trains with: base YAML, then ``first`` (the GPU fast path), then
+    the space's fixed values and params."""
     keys = {k: v for k, v in params.items() if "." in k}
-    return load_config(base, space.to_overrides(keys))
+    return load_config(base, [*(first or []), *space.to_overrides(keys)])
 
 
 # --------------------------------------------------------------------------- Ray (the only Ray calls)
 
 
 def _trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
-    """One Tune trial: a Ray Train run of ``fvae.train.train_loop_per_worker``."""
+    """One Tune trial: ``fit`` in the trial's own process (1-worker trials, unless
+    ``setup["ray_train"]``), or a Ray Train run of ``fvae.train.train_loop_per_worker``."""
     from ray import tune
+
+    started = time.time()
+    space = load_space(setup["space"])
+    gpu = setup["gpus_per_worker"] > 0
+    fast = fast_path(gpu=gpu, workers=setup["workers"]) if setup["fast_path"] else []
+    cfg = resolve_trial_config(space, params, base=Path(setup["base_config"]) if setup["base_config"] else None,
+                               first=fast)
+    trial_id = tune.get_context().get_trial_id()
+    out = Path(setup["exp_dir"]) / "trials" / trial_id
+    out.mkdir(parents=True, exist_ok=True)
+    if in_trial(setup):
+        _fit_in_trial(cfg, data=Path(setup["data"]), out=out, gpu=gpu, started=started)
+    else:
+        _fit_on_ray_train(cfg, data=Path(setup["data"]), out=out, gpu=gpu, setup=setup, name=trial_id,
+                          started=started)
+    record_trial_time(out, started=started)
+
+
+def in_trial(setup: dict[str, Any]) -> bool:
+    """Whether a trial trains in its own process: 1-worker trials do, since Ray Train's controller
+    and worker group would add their start-up (``python -m fvae.bench tune`` measures it) for
+    nothing a single process needs; multi-worker (data-parallel) trials run on Ray Train."""
+    return setup["workers"] == 1 and not setup["ray_train"]
+
+
+def _fit_in_trial(cfg: Config, *, data: Path, out: Path, gpu: bool, started: float) -> None:
+    """``fit`` in the Tune trial's process; a retried trial resumes from its last checkpoint."""
+    import torch
+    from ray import tune
+
+    from fvae.train import Dist, fit, scalar_metrics
+
+    resume = None
+    ckpt = tune.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as path:
+            resume = load_state(Path(path))
+
+    def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        c = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
+        tune.report(scalar_metrics(metrics), checkpoint=c)
+
+    # Ray shows the trial only its own GPU share, as device 0
+    device = torch.device("cuda", 0) if gpu else torch.device("cpu")
+    fit(cfg, data=data, out=out, d=Dist(device=device), report=report, resume=resume, started=started)
+
+
+def _fit_on_ray_train(cfg: Config, *, data: Path, out: Path, gpu: bool, setup: dict[str, Any], name: str,
+                      started: float) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from fvae.train import make_trainer
 
-    space = load_space(setup["space"])
-    cfg = resolve_trial_config(space, params, base=Path(setup["base_config"]) if setup["base_config"] else None)
-    trial_id = tune.get_context().get_trial_id()
-    out = Path(setup["exp_dir"]) / "trials" / trial_id
-    out.mkdir(parents=True, exist_ok=True)
-    gpu = setup["gpus_per_worker"] > 0
     resources = {"CPU": setup["cpus_per_worker"]}
     if gpu:
         resources["GPU"] = setup["gpus_per_worker"]
-    trainer = make_trainer(cfg, data=Path(setup["data"]), out=out, workers=setup["workers"], gpu=gpu,
-                           storage_path=str(Path(setup["exp_dir"]) / "train"), name=trial_id,
-                           callbacks=[TuneReportCallback()], resources_per_worker=resources)
+    trainer = make_trainer(cfg, data=data, out=out, workers=setup["workers"], gpu=gpu,
+                           storage_path=str(Path(setup["exp_dir"]) / "train"), name=name,
+                           callbacks=[TuneReportCallback()], resources_per_worker=resources, started=started)
     trainer.fit()
 
 
+def fast_path(*, gpu: bool, workers: int) -> list[str]:
+    """Overrides for GPU trials unless turned off: bf16, and CUDA graphs where one process has
+    the device (1-worker trials). The space's own values come later, so they win."""
+    if not gpu:
+        return []
+    return ["train.bf16=true"] + (["train.cuda_graph=true"] if workers == 1 else [])
+
+
+def record_trial_time(run_dir: Path, *, started: float) -> None:
+    """Add the trial's whole time, and what followed fit (Ray Train's shutdown), to timings.json."""
+    path = run_dir / TIMINGS_FILE
+    if path.is_file():
+        t = json.loads(path.read_text())
+        now = time.time()
+        atomic_write_json(path, {**t, "trial_s": now - started, "teardown_s": now - t.get("fit_end", now)})
+
+
+PACKING_FILE = Path("~/.cache/fvae/packing.json").expanduser()  # written by python -m fvae.bench tune --gpu
+
+
+def default_gpus_per_trial(cluster: dict[str, float], *, workers: int, packing_file: Path) -> tuple[float, str]:
+    """GPUs per trial when --gpus-per-trial is not given, and why: none without GPUs; one per worker
+    for data-parallel trials; for 1-worker trials the packing that ``bench tune --gpu`` measured
+    fastest (trials per hour) on this kind of GPU, or a whole GPU each until it has been measured."""
+    if cluster.get("GPU", 0) < 1:
+        return 0.0, "the cluster has no GPU, so trials run on CPUs"
+    if workers > 1:
+        return float(workers), f"{workers}-worker trials take one GPU per worker (NCCL: one rank per GPU)"
+    try:
+        measured = json.loads(packing_file.read_text())
+        per_gpu = int(measured["best_trials_per_gpu"])
+    except FileNotFoundError:
+        return 1.0, (f"one trial per GPU, since no packing has been measured ({packing_file} is absent; "
+                     "python -m fvae.bench tune --gpu measures it)")
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{packing_file}: not a packing measurement of fvae.bench tune --gpu ({e})") from None
+    return 1.0 / per_gpu, (f"{per_gpu} trials per GPU, the fastest packing measured on {measured.get('device')} "
+                           f"({measured.get('trials_per_hour')} trials/h by trials per GPU, {packing_file})")
+
+
+def prepare_panels(data: Path, *, handler: str | None) -> None:
+    """Fill the shards' panel cache once, before any trial starts, so that no trial parses the
+    Parquet (fvae.data.loader: trials on one node then map one copy of each panel)."""
+    from fvae.data.loader import load_panel
+
+    t0 = time.perf_counter()
+    sources = [load_panel(data, seg, handler=handler).source for seg in ("train", "valid")]
+    if "built" in sources:
+        print(f"[fvae.tune] cached the train and valid panels next to the shards in "
+              f"{time.perf_counter() - t0:.1f} s", flush=True)
+
+
 def max_concurrent(*, cluster: dict[str, float], workers: int, cpus_per_worker: float,
-                   gpus_per_worker: float) -> int:
-    """How many trials fit at once, from the cluster's resources and one trial's request."""
-    need = workers * cpus_per_worker + DRIVER_CPUS
+                   gpus_per_worker: float, driver_cpus: float = DRIVER_CPUS) -> int:
+    """How many trials fit at once, from the cluster's resources and one trial's request
+    (``driver_cpus`` is 0 for trials that train in their own process)."""
+    need = workers * cpus_per_worker + driver_cpus
     by_cpu = int(cluster.get("CPU", 0) // need)
     if gpus_per_worker > 0:
         if workers > 1 and gpus_per_worker < 1:
@@ -96,13 +199,13 @@ def max_concurrent(*, cluster: dict[str, float], workers: int, cpus_per_worker: 
 
 
 def plan_concurrency(*, cluster: dict[str, float], requested: int | None, workers: int, cpus_per_worker: float,
-                     gpus_per_worker: float) -> tuple[int, str | None]:
+                     gpus_per_worker: float, driver_cpus: float = DRIVER_CPUS) -> tuple[int, str | None]:
     """Trials to run at once: ``requested`` if given, else what fits; plus a warning when more are
     requested than fit now (those wait, and a trial that cannot start its workers fails once Ray
     Train's worker-group start times out)."""
     try:
         fits = max_concurrent(cluster=cluster, workers=workers, cpus_per_worker=cpus_per_worker,
-                              gpus_per_worker=gpus_per_worker)
+                              gpus_per_worker=gpus_per_worker, driver_cpus=driver_cpus)
     except ValueError:
         if not requested:
             raise
@@ -112,12 +215,12 @@ def plan_concurrency(*, cluster: dict[str, float], requested: int | None, worker
     if requested <= fits:
         return requested, None
     return requested, (f"--max-concurrent {requested}, but the cluster fits {fits} trials at once now "
-                       f"({workers} x {cpus_per_worker:g} CPUs + {DRIVER_CPUS:g} for the driver each); the others "
+                       f"({workers} x {cpus_per_worker:g} CPUs + {driver_cpus:g} for the driver each); the others "
                        "wait for resources and fail after RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s by default) "
                        "unless an autoscaler adds them")
 
 
-def check_options(*, num_samples: int, workers: int, gpus_per_trial: float = 0.0, cpus_per_worker: float = 1.0,
+def check_options(*, num_samples: int, workers: int, gpus_per_trial: float | None = None, cpus_per_worker: float = 1.0,
                   max_concurrent_trials: int | None = None, grace_period: int = 1,
                   time_budget_s: float | None = None, num_cpus: int | None = None, out: Path | None = None) -> None:
     """The search's options, checked before Ray starts (or a synthetic market is written)."""
@@ -130,7 +233,8 @@ def check_options(*, num_samples: int, workers: int, gpus_per_trial: float = 0.0
 
     need(num_samples >= 1, "--num-samples", "at least 1 trial", num_samples)
     need(workers >= 1, "--workers-per-trial", "at least 1 Ray Train worker", workers)
-    need(math.isfinite(gpus_per_trial) and gpus_per_trial >= 0, "--gpus-per-trial", "a number >= 0", gpus_per_trial)
+    need(gpus_per_trial is None or (math.isfinite(gpus_per_trial) and gpus_per_trial >= 0), "--gpus-per-trial",
+         "a number >= 0", gpus_per_trial)
     need(math.isfinite(cpus_per_worker) and cpus_per_worker > 0, "--cpus-per-worker", "a number > 0",
          cpus_per_worker)
     need(max_concurrent_trials is None or max_concurrent_trials >= 1, "--max-concurrent", "at least 1",
@@ -142,11 +246,15 @@ def check_options(*, num_samples: int, workers: int, gpus_per_trial: float = 0.0
 
 
 def run_search(*, data: Path, space_path: Path, num_samples: int, exp_dir: Path, resume: bool = False,
-               workers: int = 1, gpus_per_trial: float = 0.0, cpus_per_worker: float = 1.0, seed: int = 0,
+               workers: int = 1, gpus_per_trial: float | None = None, cpus_per_worker: float = 1.0, seed: int = 0,
                base_config: Path | None = None, grace_period: int = 1, reduction_factor: int = 2,
                max_concurrent_trials: int | None = None, time_budget_s: float | None = None,
-               address: str | None = None, num_cpus: int | None = None) -> dict[str, Any]:
-    """Run (or resume) the search and write summary.json; returns the summary."""
+               address: str | None = None, num_cpus: int | None = None, ray_train: bool = False,
+               fast_path: bool = True, packing_file: Path | None = None) -> dict[str, Any]:
+    """Run (or resume) the search and write summary.json; returns the summary.
+
+    ``gpus_per_trial`` None chooses the packing (:func:`default_gpus_per_trial`). ``ray_train``
+    runs 1-worker trials on Ray Train too; ``fast_path`` gives GPU trials bf16 and CUDA graphs."""
     import optuna
     import ray
     from ray import tune
@@ -163,8 +271,6 @@ def run_search(*, data: Path, space_path: Path, num_samples: int, exp_dir: Path,
     base_cfg = resolve_trial_config(space, {}, base=base_config)
     exp_dir = exp_dir.resolve()
     tune_dir = exp_dir / "tune"
-    gpus_per_worker = gpus_per_trial / workers if workers else 0.0
-
     if resume and not tune.Tuner.can_restore(str(tune_dir)):
         raise FileNotFoundError(f"--resume: no search to resume in {tune_dir}")
     if not resume and (tune_dir.exists() or (exp_dir / STUDY_FILE).exists()):
@@ -172,16 +278,28 @@ def run_search(*, data: Path, space_path: Path, num_samples: int, exp_dir: Path,
                               "or choose another --out")
 
     init_ray(address=address, num_cpus=num_cpus)
-    concurrent, warning = plan_concurrency(cluster=ray.cluster_resources(), requested=max_concurrent_trials,
-                                           workers=workers, cpus_per_worker=cpus_per_worker,
-                                           gpus_per_worker=gpus_per_worker)
-    if warning:
-        print(f"[fvae] warning: {warning}", flush=True)
+    cluster = ray.cluster_resources()
+    if gpus_per_trial is None:
+        gpus_per_trial, why = default_gpus_per_trial(cluster, workers=workers,
+                                                     packing_file=packing_file or PACKING_FILE)
+        print(f"[fvae.tune] --gpus-per-trial {gpus_per_trial:g}: {why}", flush=True)
+    gpus_per_worker = gpus_per_trial / workers if workers else 0.0
     setup = {"space": str(Path(space_path).resolve()), "data": str(Path(data).resolve()),
              "exp_dir": str(exp_dir), "workers": workers, "cpus_per_worker": cpus_per_worker,
-             "gpus_per_worker": gpus_per_worker,
+             "gpus_per_worker": gpus_per_worker, "ray_train": ray_train, "fast_path": fast_path,
              "base_config": str(Path(base_config).resolve()) if base_config else None}
-    trainable = tune.with_resources(tune.with_parameters(_trial, setup=setup), {"CPU": DRIVER_CPUS})
+    driver_cpus = 0.0 if in_trial(setup) else DRIVER_CPUS
+    concurrent, warning = plan_concurrency(cluster=cluster, requested=max_concurrent_trials, workers=workers,
+                                           cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
+                                           driver_cpus=driver_cpus)
+    if warning:
+        print(f"[fvae] warning: {warning}", flush=True)
+    # a trial that trains in its own process asks for its worker's resources; one that starts a
+    # Ray Train worker group asks for a little CPU for itself, and the group asks for the rest
+    request = ({"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
+               if in_trial(setup) else {"CPU": DRIVER_CPUS})
+    trainable = tune.with_resources(tune.with_parameters(_trial, setup=setup), request)
+    prepare_panels(data, handler=base_cfg.data.handler)
 
     if resume:
         print(f"[fvae.tune] resuming the search in {tune_dir}", flush=True)
@@ -210,7 +328,9 @@ def run_search(*, data: Path, space_path: Path, num_samples: int, exp_dir: Path,
         )
         print(f"[fvae.tune] {num_samples} trials of space '{space.name}' on {data} "
               f"({meta.handler}, {meta.instruments} stocks); {concurrent} at a time, "
-              f"{workers} worker(s) per trial; TPE and ASHA on {space.metric} ({space.mode})", flush=True)
+              f"{workers} worker(s) per trial ({'in the trial' if in_trial(setup) else 'on Ray Train'}"
+              f"{', bf16 + CUDA graphs' if gpus_per_worker and fast_path else ''}); "
+              f"TPE and ASHA on {space.metric} ({space.mode})", flush=True)
     t0 = time.time()
     results = tuner.fit()
     summary = summarize_search(results, space=space, exp_dir=exp_dir, data=data, base_config=base_config,
@@ -345,8 +465,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("experiments/default"), help="experiment directory")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search in --out")
     p.add_argument("--workers-per-trial", type=int, default=1)
-    p.add_argument("--gpus-per-trial", type=float, default=0.0,
-                   help="GPUs per trial; fractions pack several 1-worker trials on one GPU")
+    p.add_argument("--gpus-per-trial", type=float, default=None,
+                   help="GPUs per trial; fractions pack several 1-worker trials on one GPU (default: none "
+                        "without GPUs, else the packing that `python -m fvae.bench tune --gpu` measured fastest)")
+    p.add_argument("--ray-train", action="store_true",
+                   help="run 1-worker trials on Ray Train too (default: they train in the trial's own process, "
+                        "which saves Ray Train's start-up; multi-worker trials always use Ray Train)")
+    p.add_argument("--packing", type=Path, default=None,
+                   help=f"packing measurement that chooses --gpus-per-trial when it is not given (default {PACKING_FILE})")
+    p.add_argument("--no-fast-path", dest="fast_path", action="store_false",
+                   help="GPU trials without the default train.bf16 and train.cuda_graph")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--config", type=Path, default=None, help="base training config YAML")
     p.add_argument("--seed", type=int, default=0, help="TPE sampler seed")
@@ -382,7 +510,8 @@ def main(argv: list[str] | None = None) -> int:
                    resume=args.resume, workers=args.workers_per_trial, gpus_per_trial=args.gpus_per_trial,
                    cpus_per_worker=args.cpus_per_worker, seed=args.seed, base_config=args.config,
                    grace_period=args.grace_period, max_concurrent_trials=args.max_concurrent,
-                   time_budget_s=args.time_budget_s, address=args.address, num_cpus=args.num_cpus)
+                   time_budget_s=args.time_budget_s, address=args.address, num_cpus=args.num_cpus,
+                   ray_train=args.ray_train, fast_path=args.fast_path, packing_file=args.packing)
     except (SpaceError, fconfig.ConfigError, DataError, NonFiniteLossError, FileExistsError,
             FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

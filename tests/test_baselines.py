@@ -159,6 +159,7 @@ def test_gpu_without_cuda_is_a_one_line_error(tiny_market, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == "error: --gpu: no CUDA device is visible"
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_split_scores_as_the_cpu_one(split, tiny_market):
     """The networks' cuda copy of a split gives the CPU's scores, holdout scoring included."""

@@ -403,3 +403,60 @@ def test_config_file_errors(tmp_path):
     bad.write_text("- 1\n- 2\n")
     with pytest.raises(fconfig.ConfigError, match="bad.yaml: expected a mapping"):
         fconfig.load(_Root, path=bad)
+
+
+def _panels_equal(a, b) -> bool:
+    return (all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("feat", "label", "ret", "valid"))
+            and a.dates.equals(b.dates) and (a.instruments == b.instruments).all() and a.history == b.history
+            and a.extra.keys() == b.extra.keys() and all(torch.equal(a.extra[k], b.extra[k]) for k in a.extra))
+
+
+def test_panel_cache_is_read_without_the_parquet(tmp_path):
+    from fvae.data.loader import load_panel, read_panel
+
+    folder = tmp_path / "m"
+    write_synthetic(folder, SyntheticConfig(stocks=30, days=200, seed=3))
+    meta = read_meta(folder)
+    truth = read_panel(folder, "train", meta=meta, extra_columns=("mu_true",))
+    first = load_panel(folder, "train", extra_columns=("mu_true",))
+    assert first.source == "built" and _panels_equal(first, truth)
+    (folder / "shards").rename(tmp_path / "elsewhere")  # a load that parsed the Parquet would fail now
+    again = load_panel(folder, "train", extra_columns=("mu_true",))
+    assert again.source == "cache" and _panels_equal(again, truth)
+    with pytest.raises(DataError, match="missing"):
+        load_panel(folder, "train", extra_columns=("mu_true",), cache=False)
+    with pytest.raises(DataError, match="missing"):  # another column set is another cache entry
+        load_panel(folder, "train")
+
+
+def test_panel_cache_follows_a_new_export_into_the_folder(tmp_path):
+    from fvae.data.loader import CACHE_DIR, load_panel
+
+    folder = tmp_path / "m"
+    write_synthetic(folder, SyntheticConfig(stocks=30, days=200, seed=3))
+    old = load_panel(folder, "valid")
+    write_synthetic(folder, SyntheticConfig(stocks=30, days=200, seed=4))  # new content, new fingerprint
+    new = load_panel(folder, "valid")
+    assert new.source == "built" and not torch.equal(new.label, old.label)
+    assert len(list((folder / CACHE_DIR).glob("panel-*"))) == 1  # the stale entry is gone
+
+
+def _load_source(folder: str, q) -> None:
+    from fvae.data.loader import load_panel
+
+    q.put(load_panel(folder, "train").source)
+
+
+def test_packed_loaders_starting_together_build_the_cache_once(tmp_path):
+    import multiprocessing as mp
+
+    folder = tmp_path / "m"
+    write_synthetic(folder, SyntheticConfig(stocks=30, days=200, seed=3))
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_load_source, args=(str(folder), q)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert sorted(q.get(timeout=5) for _ in procs) == ["built", "cache", "cache"]

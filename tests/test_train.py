@@ -156,6 +156,7 @@ def test_golden_loss_debug_config(tiny_market, tmp_path):
 GOLDEN = (1.750492, 1.743465, 0.374066, 0.021051)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_run_matches_the_cpu_golden_loss(tiny_market, tmp_path):
     """The same debug run on cuda:0 lands on the CPU's pinned first-epoch losses (float32 on both,
@@ -172,6 +173,7 @@ def test_cuda_graph_needs_a_gpu(tiny_market, tmp_path):
         run_standalone(_cfg("train.cuda_graph=true"), data=tiny_market, out=tmp_path / "c")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graph_run_follows_the_eager_run(tiny_market, tmp_path):
     """Graph replays train the same model as the eager loop: the same per-epoch losses (float32
@@ -186,6 +188,7 @@ def test_cuda_graph_run_follows_the_eager_run(tiny_market, tmp_path):
             assert b[k] == pytest.approx(a[k], rel=2e-3, abs=1e-4), (k, a, b)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graph_step_undoes_a_nonfinite_step(tiny_market):
     """A NaN label makes the replayed loss NaN: the step reports it and the weights and AdamW state

@@ -45,6 +45,18 @@ def test_smoke_search_runs_trials_and_asha_stops_some(smoke_search):
     assert len({json.dumps(t["params"], sort_keys=True) for t in trials}) == 5  # TPE proposed 5 configs
 
 
+def test_trials_map_the_cached_panel_and_record_their_fixed_cost(smoke_search):
+    """The driver fills the panel cache before the trials start, so every trial (5, packed on 4
+    CPUs) maps the one copy and none parses the Parquet; each records where its time went."""
+    _, summary = smoke_search
+    for t in summary["trials"]:
+        timings = json.loads((Path(t["run_dir"]) / "timings.json").read_text())
+        assert timings["data_source"] == "cache", (t["trial_id"], timings)
+        assert 0 <= timings["data_load_s"] < 30 and timings["start_s"] >= 0
+        if t["ended"] == "completed":  # ASHA kills a stopped trial before it records its end
+            assert timings["trial_s"] >= timings["epochs_s"] + timings["data_load_s"] > 0
+
+
 def test_best_trial_has_the_highest_valid_rank_icir(smoke_search, tiny_market):
     exp, summary = smoke_search
     saved = json.loads((exp / "summary.json").read_text())

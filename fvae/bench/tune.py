@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import os
 import shutil
@@ -67,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--gpus-per-trial", type=float, default=0.0,
                    help="GPUs per trial for both searches; on a GPU also the smallest share the packing sweep tries")
+    p.add_argument("--gpu", action="store_true",
+                   help="on a GPU: sweep 1, 2, 4 and 8 one-worker trials per GPU (ASHA-free), write the fastest "
+                        "packing to --packing-out for fvae.tune, then run the ASHA search at that packing")
+    p.add_argument("--packing-out", type=Path, default=None,
+                   help="where --gpu writes its packing measurement (default: fvae.tune's PACKING_FILE)")
+    p.add_argument("--ray-train", action="store_true",
+                   help="1-worker trials on Ray Train too, as fvae.tune --ray-train (to measure what it costs)")
     p.add_argument("--workdir", type=Path, default=None,
                    help="keep the experiments here (default: a temporary folder, removed)")
     p.add_argument("--ignore-other-ray", action="store_true",
@@ -89,7 +97,9 @@ class SearchResult:
     best: dict[str, Any] | None
     concurrent: int
     gpu_peak_mib: float  # device memory in use at the peak, minus before; NaN off the GPU
+    gpu_util: float  # mean GPU utilisation (%) while the search ran (nvidia-smi); NaN off the GPU
     epoch_seconds: float  # time the trials spent inside their epochs (train + validation), summed
+    timings: list[dict[str, Any]]  # each trial's timings.json (fvae.train.Timings), {} where absent
 
     @property
     def epochs(self) -> int:
@@ -111,7 +121,8 @@ class SearchResult:
 
 
 class _GpuMemoryPeak:
-    """Samples the device's memory in use (all processes: Ray's trial workers) in a thread."""
+    """Samples the device's memory in use (all processes: Ray's trial workers) and, through
+    nvidia-smi where it is installed, its utilisation, in a thread."""
 
     def __init__(self, *, period_s: float = 0.5) -> None:
         import torch
@@ -120,6 +131,8 @@ class _GpuMemoryPeak:
         self.period = period_s
         self.base = self._used()
         self.peak = self.base
+        self.util: list[float] = []
+        self._smi = shutil.which("nvidia-smi")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -127,9 +140,26 @@ class _GpuMemoryPeak:
         free, total = self.torch.cuda.mem_get_info(0)
         return (total - free) / 2**20
 
+    def _utilisation(self) -> float | None:
+        import subprocess
+
+        try:
+            out = subprocess.run([self._smi, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+                                  "--id=0"], check=False, capture_output=True, text=True, timeout=5).stdout
+            return float(out.strip().splitlines()[0])
+        except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+            return None
+
     def _run(self) -> None:
         while not self._stop.wait(self.period):
             self.peak = max(self.peak, self._used())
+            u = self._utilisation() if self._smi else None
+            if u is not None:
+                self.util.append(u)
+
+    @property
+    def mean_util(self) -> float:
+        return sum(self.util) / len(self.util) if self.util else math.nan
 
     def __enter__(self) -> _GpuMemoryPeak:
         self._thread.start()
@@ -166,6 +196,7 @@ class Setup:
     cpus_per_worker: float
     num_cpus: int
     gpu: bool
+    ray_train: bool  # 1-worker trials on Ray Train too (fvae.tune --ray-train)
 
 
 def _search(setup: Setup, *, label: str, exp_dir: Path, grace_period: int, gpus_per_trial: float) -> SearchResult:
@@ -173,26 +204,31 @@ def _search(setup: Setup, *, label: str, exp_dir: Path, grace_period: int, gpus_
     import ray
 
     from fvae.train import init_ray
-    from fvae.tune import max_concurrent, run_search
+    from fvae.tune import DRIVER_CPUS, max_concurrent, run_search
 
     t0 = time.perf_counter()
     init_ray(num_cpus=setup.num_cpus)
     try:
         cluster = ray.cluster_resources()
         concurrent = max_concurrent(cluster=cluster, workers=setup.workers, cpus_per_worker=setup.cpus_per_worker,
-                                    gpus_per_worker=gpus_per_trial / setup.workers)
+                                    gpus_per_worker=gpus_per_trial / setup.workers,
+                                    driver_cpus=DRIVER_CPUS if setup.workers > 1 or setup.ray_train else 0.0)
         _say(f"\n[bench tune] {label}: grace_period {grace_period}, {setup.num_samples} trials, up to {concurrent} "
              f"at a time, cluster {dict(sorted(cluster.items()))}")
         with _GpuMemoryPeak() if setup.gpu else contextlib.nullcontext() as mem:
             summary = run_search(data=setup.data, space_path=setup.space, num_samples=setup.num_samples,
                                  exp_dir=exp_dir, workers=setup.workers, gpus_per_trial=gpus_per_trial,
-                                 cpus_per_worker=setup.cpus_per_worker, seed=setup.seed, grace_period=grace_period)
+                                 cpus_per_worker=setup.cpus_per_worker, seed=setup.seed, grace_period=grace_period,
+                                 ray_train=setup.ray_train)
         peak = mem.added_mib if mem is not None else math.nan
+        util = mem.mean_util if mem is not None else math.nan
     finally:
         ray.shutdown()
     res = SearchResult(label=label, seconds=float(summary["seconds"]), wall=time.perf_counter() - t0,
                        trials=summary["trials"], best=summary["best"], concurrent=concurrent, gpu_peak_mib=peak,
-                       epoch_seconds=sum(_epoch_seconds(Path(t["run_dir"])) for t in summary["trials"]))
+                       gpu_util=util,
+                       epoch_seconds=sum(_epoch_seconds(Path(t["run_dir"])) for t in summary["trials"]),
+                       timings=[_timings(Path(t["run_dir"])) for t in summary["trials"]])
     _say(f"[bench tune] {label}: {len(res.trials)} trials in {res.seconds:.1f} s ({res.per_hour:.1f} trials/h), "
          f"{res.epochs} epochs, {res.errors} errors, best valid Rank ICIR {res.best_rank_icir:.3f}; "
          f"wall with Ray start-up and test scoring {res.wall:.1f} s")
@@ -207,6 +243,37 @@ def _epoch_seconds(run_dir: Path) -> float:
     if not state.is_file():
         return 0.0
     return float(sum(h.get("seconds", 0.0) for h in load_state(state)["history"]))
+
+
+def _timings(run_dir: Path) -> dict[str, Any]:
+    from fvae.train import TIMINGS_FILE
+
+    path = run_dir / TIMINGS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+FIXED_PARTS = (  # timings.json key, what it is
+    ("start_s", "Ray Train start (controller, worker group, process spawn) until fit begins"),
+    ("data_load_s", "data panel load"),
+    ("build_s", "model and optimiser build, restore"),
+    ("step_setup_s", "train step set-up (CUDA graph capture)"),
+    ("outputs_s", "final predictions, metrics, plots"),
+    ("teardown_s", "after fit until the trial returns (Ray Train shutdown)"),
+)
+
+
+def fixed_cost(timings: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean seconds per finished trial of each fixed-cost part, ``other`` (the rest of the trial
+    outside its epochs) and ``total`` = trial time - epoch time; over trials that ran to their end."""
+    done = [t for t in timings if "trial_s" in t]
+    if not done:
+        return {}
+    out = {k: sum(t.get(k, 0.0) for t in done) / len(done) for k, _ in FIXED_PARTS}
+    out["total"] = sum(t["trial_s"] - t.get("epochs_s", 0.0) for t in done) / len(done)
+    out["other"] = out["total"] - sum(out[k] for k, _ in FIXED_PARTS)
+    out["trials"] = len(done)
+    out["from_cache"] = sum(1 for t in done if t.get("data_source") == "cache")
+    return out
 
 
 def _fractions(smallest: float) -> list[float]:
@@ -233,9 +300,12 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --num-samples >= 1, --workers-per-trial >= 1 and --gpus-per-trial >= 0 expected",
               file=sys.stderr)
         return 2
-    gpu = args.gpus_per_trial > 0
+    gpu = args.gpus_per_trial > 0 or args.gpu
     if gpu and not torch.cuda.is_available():
-        print("error: --gpus-per-trial: no CUDA device is visible", file=sys.stderr)
+        print(f"error: {'--gpu' if args.gpu else '--gpus-per-trial'}: no CUDA device is visible", file=sys.stderr)
+        return 2
+    if args.gpu and args.workers_per_trial > 1:
+        print("error: --gpu packs 1-worker trials; drop --workers-per-trial", file=sys.stderr)
         return 2
     others = other_ray_instances()
     if others and not args.ignore_other_ray:
@@ -256,7 +326,11 @@ def main(argv: list[str] | None = None) -> int:
         run = time.strftime("%Y%m%d-%H%M%S")  # fresh experiment folders: run_search refuses existing ones
         setup = Setup(data=data, space=args.space, num_samples=args.num_samples, seed=args.seed,
                       workers=args.workers_per_trial, cpus_per_worker=args.cpus_per_worker, num_cpus=num_cpus,
-                      gpu=gpu)
+                      gpu=gpu, ray_train=args.ray_train)
+        if args.gpu:
+            _packing_sweep(setup, workdir=workdir, run=run, max_epochs=max_epochs, space=space.name,
+                           out=args.packing_out, machine=machine)
+            return 0
         asha = _search(setup, label="asha", exp_dir=workdir / f"asha-{run}", grace_period=1,
                        gpus_per_trial=args.gpus_per_trial)
         full = _search(setup, label="full", exp_dir=workdir / f"full-{run}", grace_period=max_epochs,
@@ -315,6 +389,14 @@ def _summary(*, asha: SearchResult, full: SearchResult, packing: list[tuple[floa
         _say(f"  {r.label}: {r.epoch_seconds:.1f} s of trial time inside epochs ({per_epoch:.1f} s per epoch); "
              f"about {per_trial:.1f} s per trial outside them (Ray Train worker start-up, process spawn, data "
              "loading, and a finished trial's final predictions and plots, which a stopped trial skips)")
+    fc = fixed_cost(full.timings)
+    if fc:
+        _say(f"  fixed cost per trial ('full', {fc['trials']} trials that ran to their end; panel from the "
+             f"cache in {fc['from_cache']}): {fc['total']:.2f} s outside the epochs")
+        for k, what in FIXED_PARTS:
+            _say(f"    {fc[k]:7.2f} s  {what}")
+        _say(f"    {fc['other']:7.2f} s  other (config, run folder, checkpoints and TensorBoard inside the epochs' "
+             "bookkeeping, Tune's reporting)")
     same = sorted(_key(t["params"]) for t in asha.trials) == sorted(_key(t["params"]) for t in full.trials)
     same_best = bool(asha.best and full.best and _key(asha.best["params"]) == _key(full.best["params"]))
     ids = [r.best["trial_id"] if r.best else "-" for r in (asha, full)]
@@ -334,6 +416,51 @@ def _summary(*, asha: SearchResult, full: SearchResult, packing: list[tuple[floa
                 holds = max(holds, r.concurrent)
         _say(f"  one GPU held {holds} concurrent 1-worker trial(s) without a failed trial "
              "(at once = min(by GPU share, by CPUs); a trial needs 1 CPU per worker + 0.1)")
+
+
+PACKINGS = (1, 2, 4, 8)  # one-worker trials per GPU that --gpu measures
+
+
+def _packing_sweep(setup: Setup, *, workdir: Path, run: str, max_epochs: int, space: str, out: Path | None,
+                   machine: str) -> None:
+    """ASHA-free searches with 1, 2, 4 and 8 trials per GPU; the fastest packing without a failed
+    trial (trials per hour) is written for fvae.tune, then one ASHA search runs at that packing."""
+    from fvae.tune import PACKING_FILE
+
+    runs = {k: _search(setup, label=f"full, {k} trial(s)/GPU", exp_dir=workdir / f"pack{k}-{run}",
+                       grace_period=max_epochs, gpus_per_trial=1.0 / k) for k in PACKINGS}
+    ok = {k: r for k, r in runs.items() if r.errors == 0}
+    best = max(ok, key=lambda k: ok[k].per_hour, default=1)
+    asha = _search(setup, label=f"asha, {best} trial(s)/GPU", exp_dir=workdir / f"asha-{run}", grace_period=1,
+                   gpus_per_trial=1.0 / best)
+    import torch
+
+    record = {"device": torch.cuda.get_device_name(0), "machine": machine, "space": space,
+              "num_samples": setup.num_samples, "best_trials_per_gpu": best,
+              "trials_per_hour": {str(k): round(r.per_hour, 1) for k, r in runs.items()},
+              "errors": {str(k): r.errors for k, r in runs.items()},
+              "peak_gpu_mib": {str(k): round(r.gpu_peak_mib) for k, r in runs.items()},
+              "gpu_util_pct": {str(k): round(r.gpu_util, 1) for k, r in runs.items()},
+              "fixed_cost_s": {str(k): fixed_cost(r.timings).get("total") for k, r in runs.items()},
+              "asha": {"trials_per_hour": round(asha.per_hour, 1), "epochs": asha.epochs,
+                       "epochs_full": runs[best].epochs, "best_valid_rank_icir": asha.best_rank_icir}}
+    from fvae.io import atomic_write_json
+
+    path = out or PACKING_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, record)
+    _say("\n== GPU packing (1-worker trials, bf16 + CUDA graphs, ASHA-free) ==")
+    _say(f"  device: {record['device']}; space '{space}', {setup.num_samples} trials per search")
+    _say(f"  {'trials/GPU':>10} {'at once':>8} {'trials/h':>9} {'errors':>7} {'peak GPU mem':>13} {'GPU util':>9} "
+         f"{'fixed s/trial':>14}")
+    for k, r in runs.items():
+        fc = fixed_cost(r.timings).get("total", math.nan)
+        _say(f"  {k:10d} {r.concurrent:8d} {r.per_hour:9.1f} {r.errors:7d} {r.gpu_peak_mib:9,.0f} MiB "
+             f"{r.gpu_util:8.0f}% {fc:14.2f}")
+    _say(f"  fastest: {best} trials per GPU, written to {path} (fvae.tune's default packing)")
+    _say(f"  ASHA at that packing: {asha.per_hour:.1f} trials/h, {asha.epochs} epochs against {runs[best].epochs} "
+         f"without ASHA ({1 - asha.epochs / max(runs[best].epochs, 1):.0%} saved), best valid Rank ICIR "
+         f"{asha.best_rank_icir:.3f}")
 
 
 def _key(params: dict[str, Any]) -> str:

@@ -16,6 +16,14 @@ the batches change from epoch to epoch. The training loop divides each batch's
 summed loss by the nominal batch size, so a day in a short batch weighs the same. Any subsampling of days (``day_fraction`` < 1) is explicit and
 reported, never a side effect of batching.
 
+The panel cache: a segment's dense arrays are written once as ``.npy`` files in
+``<shard folder>/.cache/panel-<key>/`` (key: the shards' content fingerprint, the
+segment, the extra columns and this module's cache version) and memory-mapped by every
+later load. Trials packed on one node then share one copy of the panel in the page
+cache, and none of them parses the Parquet again. The first loader builds it under a
+file lock (packed trials starting together build it once) and renames it into place,
+so a cache folder is complete or absent. A read-only shard folder is read without it.
+
 Data-parallel sharding: each global batch is split across ranks (rank r takes
 days r, r+W, ...), so every rank runs the same number of steps and the ranks'
 days are disjoint. A rank whose share is empty gets a stand-in day with weight 0.
@@ -23,6 +31,13 @@ days are disjoint. A rank whose share is empty gets a stand-in day with weight 0
 
 from __future__ import annotations
 
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,6 +91,7 @@ class Panel:
     history: int = 0  # H
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # (D, N) extra columns
     incomplete_days: int = 0  # first days whose window reaches before the shards' first row (not valid)
+    source: str = "parquet"  # this load: "parquet" (no cache), "built" (read, then cached) or "cache" (mapped)
 
     @property
     def num_days(self) -> int:
@@ -87,7 +103,7 @@ class Panel:
                      dates=self.dates, instruments=self.instruments, feat=move(self.feat),
                      label=move(self.label), ret=move(self.ret), valid=move(self.valid),
                      history=self.history, extra={k: move(v) for k, v in self.extra.items()},
-                     incomplete_days=self.incomplete_days)
+                     incomplete_days=self.incomplete_days, source=self.source)
 
     def batch(self, days: np.ndarray | torch.Tensor, weight: np.ndarray | torch.Tensor | None = None) -> Batch:
         dev = self.feat.device
@@ -138,9 +154,10 @@ class Panel:
 
 
 def load_panel(folder: str | Path, segment: str, *, meta: Meta | None = None,
-               handler: str | None = None, extra_columns: tuple[str, ...] = (),
-               require_label: bool = True) -> Panel:
-    """Read one segment of a shard folder into a Panel (on the CPU).
+               handler: str | None = None, extra_columns: tuple[str, ...] = (), require_label: bool = True,
+               cache: bool = True) -> Panel:
+    """One segment of a shard folder as a Panel on the CPU: from the panel cache when it holds
+    it (memory-mapped, no Parquet read), else read from the shards and, with ``cache``, cached.
 
     A stock-day is a sample (``valid``) when its label and return are finite; with
     ``require_label=False`` (prediction, e.g. the last days of a qlib test segment, whose
@@ -150,6 +167,82 @@ def load_panel(folder: str | Path, segment: str, *, meta: Meta | None = None,
     if handler is not None and meta.handler != handler:
         raise DataError(f"{folder}: shards hold handler '{meta.handler}' features, "
                         f"but data.handler asks for '{handler}'")
+    read = lambda: read_panel(folder, segment, meta=meta, extra_columns=extra_columns,  # noqa: E731
+                              require_label=require_label)
+    if not cache:
+        return read()
+    entry = cache_entry(folder, meta, segment, extra_columns, require_label=require_label)
+    if (entry / CACHE_INDEX).is_file():
+        return _cache_load(entry)
+    root = entry.parent
+    try:
+        root.mkdir(exist_ok=True)
+        lock = open(root / ".lock", "a")  # noqa: SIM115 (held across the build below)
+    except OSError:  # a read-only shard folder: read it every time
+        return read()
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # packed trials starting together: one builds, the others wait
+        if not (entry / CACHE_INDEX).is_file():
+            _cache_store(read(), entry, fingerprint=meta.fingerprint)
+            return dataclasses.replace(_cache_load(entry), source="built")
+    return _cache_load(entry)
+
+
+CACHE_DIR = ".cache"
+CACHE_INDEX = "index.json"
+CACHE_VERSION = 1  # bump when read_panel's output changes for the same shards
+_ARRAYS = ("feat", "label", "ret", "valid")
+
+
+def cache_entry(folder: Path, meta: Meta, segment: str, extra_columns: tuple[str, ...], *,
+                require_label: bool = True) -> Path:
+    """The cache folder of one segment's panel: keyed by what determines its content."""
+    key = json.dumps([CACHE_VERSION, meta.fingerprint, segment, meta.segments.get(segment), list(extra_columns),
+                      require_label])
+    return folder / CACHE_DIR / f"panel-{hashlib.sha256(key.encode()).hexdigest()[:20]}"
+
+
+def _cache_store(p: Panel, entry: Path, *, fingerprint: str) -> None:
+    """Write ``p``'s arrays as .npy files in a temporary folder, then rename it to ``entry``;
+    cache entries of other shard contents (an earlier export into this folder) are removed."""
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=entry.parent))
+    try:
+        for name in _ARRAYS:
+            np.save(tmp / f"{name}.npy", getattr(p, name).numpy())
+        for name, t in p.extra.items():
+            np.save(tmp / f"extra.{name}.npy", t.numpy())
+        np.save(tmp / "dates.npy", p.dates.to_numpy())
+        np.save(tmp / "instruments.npy", p.instruments.astype(str))
+        index = {"name": p.name, "layout": p.layout, "lookback": p.lookback, "channels": p.channels,
+                 "history": p.history, "incomplete_days": p.incomplete_days, "extra": list(p.extra),
+                 "fingerprint": fingerprint}
+        (tmp / CACHE_INDEX).write_text(json.dumps(index))  # last: a folder with its index is complete
+        os.replace(tmp, entry)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old in entry.parent.glob("panel-*"):
+        try:
+            stale = json.loads((old / CACHE_INDEX).read_text())["fingerprint"] != fingerprint
+        except (OSError, ValueError, KeyError):
+            stale = True  # an entry without a readable index is a leftover
+        if stale:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _cache_load(entry: Path) -> Panel:
+    """Memory-map a cache entry (copy-on-write: the tensors are writable, the files never change)."""
+    index = json.loads((entry / CACHE_INDEX).read_text())
+    arr = {n: torch.from_numpy(np.load(entry / f"{n}.npy", mmap_mode="c")) for n in _ARRAYS}
+    extra = {n: torch.from_numpy(np.load(entry / f"extra.{n}.npy", mmap_mode="c")) for n in index["extra"]}
+    return Panel(name=index["name"], layout=index["layout"], lookback=index["lookback"],
+                 channels=index["channels"], dates=pd.DatetimeIndex(np.load(entry / "dates.npy")),
+                 instruments=np.load(entry / "instruments.npy"), **arr,
+                 history=index["history"], extra=extra, incomplete_days=index["incomplete_days"], source="cache")
+
+
+def read_panel(folder: Path, segment: str, *, meta: Meta, extra_columns: tuple[str, ...] = (),
+               require_label: bool = True) -> Panel:
+    """Read one segment from the Parquet shards into dense arrays (no cache)."""
     start, end = meta.segment_range(segment)
     T, C = meta.lookback, meta.channels
     history = T - 1 if meta.layout == "daily" else 0
