@@ -23,6 +23,7 @@ RUN_DIR receives:
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import shutil
@@ -1086,9 +1087,41 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
         ray.train.report(scalar_metrics(metrics), checkpoint=ckpt)
 
+    report, flush = hold_last_report(report, epochs=cfg.train.epochs)
     fit(cfg, data=Path(config["data"]), out=out,
         d=Dist(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(), device=device),
         report=report, resume=resume, write_outputs=config.get("write_outputs", True), started=config.get("started"))
+    if ctx.get_world_rank() == 0 and config.get("started") is not None:
+        record_trial_time(out, started=config["started"])  # before the last report, after which Tune may stop it
+    flush()
+
+
+def record_trial_time(out: Path, *, started: float) -> None:
+    """Add the whole time since ``started`` (a search trial's start) to RUN_DIR/timings.json."""
+    path = out / TIMINGS_FILE
+    if path.is_file():
+        t = json.loads(path.read_text())
+        atomic_write_json(path, {**t, "trial_s": time.time() - started})
+
+
+def hold_last_report(report: Reporter, *, epochs: int) -> tuple[Reporter, Callable[[], None]]:
+    """``report`` with the last epoch's report held back until ``flush()``, called once fit has
+    written its outputs: a scheduler stops a trial the moment it hears of its last epoch (ASHA at
+    max_t), which would kill the trial while it writes its predictions and metrics."""
+    held: list[tuple[dict[str, Any], Path | None]] = []
+
+    def wrapped(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        if metrics.get("epoch", -1) + 1 >= epochs:
+            held.append((metrics, checkpoint_dir))
+        else:
+            report(metrics, checkpoint_dir)
+
+    def flush() -> None:
+        for metrics, checkpoint_dir in held:
+            report(metrics, checkpoint_dir)
+        held.clear()
+
+    return wrapped, flush
 
 
 def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:

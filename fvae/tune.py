@@ -44,7 +44,7 @@ from fvae.data.shards import DataError, check_shards, read_meta
 from fvae.io import atomic_write_json, pyplot
 from fvae.space import SearchSpace, SpaceError, load_space
 from fvae.study import STUDY_FILE, storage_url
-from fvae.train import TIMINGS_FILE, Config, NonFiniteLossError, init_ray, load_config, load_state
+from fvae.train import Config, NonFiniteLossError, init_ray, load_config, load_state
 
 DRIVER_CPUS = 0.1  # a trial's driver only waits on its Train workers
 
@@ -79,7 +79,6 @@ def _trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
     else:
         _fit_on_ray_train(cfg, data=Path(setup["data"]), out=out, gpu=gpu, setup=setup, name=trial_id,
                           started=started)
-    record_trial_time(out, started=started)
 
 
 def in_trial(setup: dict[str, Any]) -> bool:
@@ -94,7 +93,7 @@ def _fit_in_trial(cfg: Config, *, data: Path, out: Path, gpu: bool, started: flo
     import torch
     from ray import tune
 
-    from fvae.train import Dist, fit, scalar_metrics
+    from fvae.train import Dist, fit, hold_last_report, record_trial_time, scalar_metrics
 
     resume = None
     ckpt = tune.get_checkpoint()
@@ -108,7 +107,10 @@ def _fit_in_trial(cfg: Config, *, data: Path, out: Path, gpu: bool, started: flo
 
     # Ray shows the trial only its own GPU share, as device 0
     device = torch.device("cuda", 0) if gpu else torch.device("cpu")
+    report, flush = hold_last_report(report, epochs=cfg.train.epochs)
     fit(cfg, data=data, out=out, d=Dist(device=device), report=report, resume=resume, started=started)
+    record_trial_time(out, started=started)  # before the last report, after which Tune may stop the trial
+    flush()
 
 
 def _fit_on_ray_train(cfg: Config, *, data: Path, out: Path, gpu: bool, setup: dict[str, Any], name: str,
@@ -132,15 +134,6 @@ def fast_path(*, gpu: bool, workers: int) -> list[str]:
     if not gpu:
         return []
     return ["train.bf16=true"] + (["train.cuda_graph=true"] if workers == 1 else [])
-
-
-def record_trial_time(run_dir: Path, *, started: float) -> None:
-    """Add the trial's whole time, and what followed fit (Ray Train's shutdown), to timings.json."""
-    path = run_dir / TIMINGS_FILE
-    if path.is_file():
-        t = json.loads(path.read_text())
-        now = time.time()
-        atomic_write_json(path, {**t, "trial_s": now - started, "teardown_s": now - t.get("fit_end", now)})
 
 
 PACKING_FILE = Path("~/.cache/fvae/packing.json").expanduser()  # written by python -m fvae.bench tune --gpu

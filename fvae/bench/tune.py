@@ -258,7 +258,6 @@ FIXED_PARTS = (  # timings.json key, what it is
     ("build_s", "model and optimiser build, restore"),
     ("step_setup_s", "train step set-up (CUDA graph capture)"),
     ("outputs_s", "final predictions, metrics, plots"),
-    ("teardown_s", "after fit until the trial returns (Ray Train shutdown)"),
 )
 
 
@@ -395,8 +394,11 @@ def _summary(*, asha: SearchResult, full: SearchResult, packing: list[tuple[floa
              f"cache in {fc['from_cache']}): {fc['total']:.2f} s outside the epochs")
         for k, what in FIXED_PARTS:
             _say(f"    {fc[k]:7.2f} s  {what}")
-        _say(f"    {fc['other']:7.2f} s  other (config, run folder, checkpoints and TensorBoard inside the epochs' "
-             "bookkeeping, Tune's reporting)")
+        _say(f"    {fc['other']:7.2f} s  other (config, run folder, Tune's reporting and checkpoint copies)")
+        between = (full.seconds * full.concurrent - sum(t.get("trial_s", 0.0) for t in full.timings)) / max(
+            len(full.trials), 1)
+        _say(f"  and about {between:.2f} s per trial outside the trial's own time (Tune starting the trial's process "
+             "and, on Ray Train, its shutdown; an upper bound when fewer trials than slots were running)")
     same = sorted(_key(t["params"]) for t in asha.trials) == sorted(_key(t["params"]) for t in full.trials)
     same_best = bool(asha.best and full.best and _key(asha.best["params"]) == _key(full.best["params"]))
     ids = [r.best["trial_id"] if r.best else "-" for r in (asha, full)]
