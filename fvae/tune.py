@@ -315,7 +315,10 @@ def run_search(*, data: Path, space_path: Path, num_samples: int, exp_dir: Path,
             trainable,
             tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, search_alg=searcher,
                                         scheduler=scheduler, num_samples=num_samples,
-                                        max_concurrent_trials=concurrent, time_budget_s=time_budget_s),
+                                        max_concurrent_trials=concurrent, time_budget_s=time_budget_s,
+                                        # a trial process trains the next trial when its last one ran to the end:
+                                        # no new process, and torch, its optimiser and matplotlib stay imported
+                                        reuse_actors=in_trial(setup)),
             run_config=tune.RunConfig(name="tune", storage_path=str(exp_dir),
                                       failure_config=tune.FailureConfig(max_failures=0)),
         )
