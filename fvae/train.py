@@ -681,7 +681,6 @@ def fit(cfg: Config, *, data: Path, out: Path, d: Dist, report: Reporter | None 
     data, out, tcfg = Path(data), Path(out), cfg.train
     tm = Timings(out if d.is_main else None, started=started)
     meta = read_meta(data)
-    check_shards(data, meta)  # every shard, also the test segment's, before the first epoch
     if resume is not None:
         check_resume(resume, cfg, meta=meta, data=data)
     if tcfg.cuda_graph and (d.device.type != "cuda" or d.world_size > 1):
@@ -950,6 +949,9 @@ def run_standalone(cfg: Config, *, data: Path, out: Path, gpu: bool = False, res
     if gpu and not torch.cuda.is_available():
         raise RuntimeError("--gpu: no CUDA device is visible")
     device = torch.device("cuda", 0) if gpu else torch.device("cpu")
+    # every shard, also the test segment's, before the first epoch (a search's driver checks them
+    # once for all its trials, so fit itself does not: a trial reads only the panel cache)
+    check_shards(data, read_meta(data))
     out.mkdir(parents=True, exist_ok=True)
     state = None
     if resume:
