@@ -59,6 +59,8 @@ def test_config_passes_rays_validator(path: Path):
     prepared = _validate(config)
     head = "\n".join(prepared["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head
+    (port,) = re.findall(r"--dashboard-port=(\d+)", head)
+    assert f"export RAY_API_SERVER_ADDRESS=http://127.0.0.1:{port};" in head  # the head's own State API
     assert prepared["file_mounts"], "the working tree should be synced to the nodes"
     assert prepared["file_mounts"] == {"~/fvae-src": "."}
     assert any(c.startswith("~/venv/bin/pip install -q -e ~/fvae-src ") for c in prepared["setup_commands"])
@@ -246,7 +248,7 @@ def test_render_never_overwrites_the_template(tmp_path: Path):
 #
 # What a user with two machines does (README, "Clusters"), on loopback: an SSH server on 127.0.0.1, a
 # throwaway unprivileged user to log in as, `ray up` of the rendered local.yaml, the smoke search
-# through `ray job submit`, `ray down`. The cluster runs as that other user because its start commands
+# through the `ray dashboard` tunnel and `ray job submit`, `ray down`. The cluster runs as that other user because its start commands
 # run `ray stop`, which signals every Ray process it is allowed to: as another user it can only reach
 # its own, so the suite's Ray cluster (and anyone else's) is out of its reach; the test checks that.
 
@@ -306,11 +308,7 @@ def _wait_for_port(port: int, *, timeout: float) -> bool:
 def _processes_of(user: str) -> list:
     import psutil
 
-    found = []
-    for p in psutil.process_iter(["username", "cmdline"]):
-        if p.info["username"] == user:
-            found.append(p)
-    return found
+    return [p for p in psutil.process_iter(["username"]) if p.info["username"] == user]
 
 
 SSHD_CONFIG = """\
@@ -338,7 +336,7 @@ LogLevel VERBOSE
 def loopback_host():
     """An SSH server on 127.0.0.1 (throwaway host key) that lets a throwaway unprivileged user in
     with a throwaway key: the "remote machine" of `ray up`."""
-    sshd = shutil.which("sshd") or next((p for p in ("/usr/sbin/sshd",) if os.path.exists(p)), None)
+    sshd = shutil.which("sshd") or ("/usr/sbin/sshd" if os.path.exists("/usr/sbin/sshd") else None)
     if sshd is None:
         pytest.skip("no SSH server to bring a cluster up over: install Debian's openssh-server (.ci/run does)")
     if os.geteuid() != 0:
@@ -477,6 +475,8 @@ def _share_this_machine(config: dict[str, Any]) -> dict[str, int]:
                                      c) for c in config[key]]
     config["worker_start_ray_commands"] = [c.replace(":6379", f":{ports['port']}")
                                            for c in config["worker_start_ray_commands"]]
+    config["head_start_ray_commands"] = [c.replace("http://127.0.0.1:8265", f"http://127.0.0.1:{ports['dashboard-port']}")
+                                         for c in config["head_start_ray_commands"]]
     assert len(set(ports.values())) == len(ports), ports
     # RAY_raylet_start_wait_time_s: how long `ray start` waits for its raylet to register (30 s), which
     # a machine loaded many times over its cores can exceed
@@ -632,8 +632,11 @@ def test_ray_up_on_loopback_runs_the_search_and_ray_down_cleans_up(loopback_host
         with _dashboard_tunnel(env, config_path, ports["dashboard-port"], log) as address:
             job = _ray(env, "job", "submit", "--address", address, "--working-dir", ".", "--", "python", "-m",
                        "fvae.tune", "--space", "search_spaces/smoke.yaml", "--num-samples", "2", "--out", str(exp),
+                       "--cpus-per-worker", "0.5",  # both trials at once on the head's 2 CPUs
                        timeout=900, log=log)
         assert job.returncode == 0 and "succeeded" in job.stdout.lower(), _tail(log)
+        # every State API query on the head went to this cluster, not to one guessed among the host's
+        assert "Found multiple active Ray instances" not in job.stdout, _tail(log)
         summary = json.loads((exp / "summary.json").read_text())
         assert len(summary["trials"]) == 2 and summary["best"]["test"]["rank_ic"] is not None, summary
         assert (exp / "summary.json").stat().st_uid == pwd.getpwnam(host.user).pw_uid  # written by the cluster
