@@ -53,10 +53,19 @@ class KeptOptunaSearch(OptunaSearch):
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         value = result.get(self.metric)
         # fvae's trials leave NaN metrics out of their results; there is no value to report then
-        if isinstance(value, (int, float)) and math.isfinite(value):
+        if isinstance(value, (int, float)) and math.isfinite(value) and not self._told(trial_id):
             super().on_trial_result(trial_id, result)
 
+    def _told(self, trial_id: str) -> bool:
+        """Whether the study already holds this trial's end: after a driver was killed, Tune's last
+        experiment checkpoint can predate a trial's end that the study recorded, and Tune then
+        restores the trial, which reports its last epoch again."""
+        return trial_id in self._ot_trials and self._frozen(trial_id).state.is_finished()
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id not in self._completed_trials and self._told(trial_id):
+            self._completed_trials.add(trial_id)
+            return None
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return super().on_trial_complete(trial_id, result=result, error=error)
         from fvae.tune import best_epoch

@@ -723,15 +723,18 @@ def fit(cfg: Config, *, data: Path, out: Path, d: Dist, report: Reporter | None 
                  stopper=stopper, history=history, model=run.model, d=d, sched=run.sched, nonfinite=tcfg.nonfinite,
                  max_skipped_fraction=tcfg.max_skipped_fraction, days_per_step=cfg.data.batch_days,
                  before_epoch=before_epoch, after_epoch=after_epoch, on_step=bar)
-    if report is not None and history and history[-1]["epoch"] < start:
-        # resumed with nothing left to train: report the last epoch again, so that a caller
-        # waiting for metrics (a Tune trial restored after its run had finished) gets them
+    finished_before = bool(history) and history[-1]["epoch"] < start  # resumed with nothing left to train
+    if report is not None and finished_before:
+        # report the last epoch again, so that a caller waiting for metrics (a Tune trial
+        # restored after its run had finished) gets them
         report(history[-1], None)
     result = {"history": history, "best_epoch": stopper.best_epoch, "stopped_early": stopper.stop,
               "epochs_run": len(history)}
     if stopper.best_state is not None:
         run.model.load_state_dict(stopper.best_state)
     tm.mark = time.perf_counter()  # the epochs are timed in the history, not here
+    if finished_before and (out / "metrics.json").is_file():
+        write_outputs = False  # they were written when the run finished; a resumed search must not touch them
     if d.is_main and write_outputs:
         result.update(write_run_outputs(run.model, cfg, meta, data=data, out=out, history=history,
                                         best=stopper.state_dict()["best"], device=d.device))

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -294,6 +295,9 @@ def run_search(*, data: Path, space_path: Path, num_samples: int, exp_dir: Path,
     trainable = tune.with_resources(tune.with_parameters(_trial, setup=setup), request)
     prepare_panels(data, handler=base_cfg.data.handler)
 
+    # Tune saves its experiment state (what --resume restores) every 10 s or more by default; a
+    # trial that ends between two saves is run again on resume. Trials here end seconds apart.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     if resume:
         print(f"[fvae.tune] resuming the search in {tune_dir}", flush=True)
         tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True,

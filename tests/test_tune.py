@@ -265,6 +265,25 @@ def _env() -> dict[str, str]:
     return env
 
 
+def test_ray_job_submit_against_a_local_cluster(tiny_market, tmp_path, ray_cluster):
+    """`ray job submit -- python -m fvae.tune ...` against the `ray start --head` cluster."""
+    exp = tmp_path / "exp"
+    submit = [sys.executable, "-m", "ray.scripts.scripts", "job", "submit",
+              f"--address={ray_cluster['dashboard']}", "--", sys.executable, "-m", "fvae.tune",
+              "--data", str(tiny_market), "--space", str(SMOKE), "--num-samples", "4", "--out", str(exp)]
+    for attempt in range(4):
+        out = subprocess.run(submit, capture_output=True, text=True, env=_env(), timeout=600, cwd=ROOT)
+        # on a loaded machine the head's job agent can come up after its dashboard; the job
+        # server then refuses the submission (nothing has started), and a later one is taken
+        if "No available agent to submit job" not in out.stderr:
+            break
+        time.sleep(15 * (attempt + 1))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "succeeded" in out.stdout.lower()
+    summary = json.loads((exp / "summary.json").read_text())
+    assert len(summary["trials"]) == 4 and summary["best"]["test"]["rank_ic"] is not None
+
+
 def test_resume_after_killing_the_driver(tiny_market, tmp_path, ray_cluster):
     """kill -9 the search's driver mid-search; --resume keeps the trials that had finished."""
     exp = tmp_path / "exp"
@@ -330,20 +349,10 @@ def test_resume_after_killing_the_driver(tiny_market, tmp_path, ray_cluster):
         assert len(live) == 1 and live[0].state == TrialState.COMPLETE, (t, by_id[t["trial_id"]])
         assert live[0].value == pytest.approx(t["value"])
     orphans = [ot for tid, ots in by_id.items() for ot in ots if tid not in ids]
-    assert all(ot.state == TrialState.FAIL and NOTE_ATTR in ot.user_attrs for ot in orphans)
-
-
-def test_ray_job_submit_against_a_local_cluster(tiny_market, tmp_path, ray_cluster):
-    """`ray job submit -- python -m fvae.tune ...` against the `ray start --head` cluster."""
-    exp = tmp_path / "exp"
-    submit = [sys.executable, "-m", "ray.scripts.scripts", "job", "submit",
-              f"--address={ray_cluster['dashboard']}", "--", sys.executable, "-m", "fvae.tune",
-              "--data", str(tiny_market), "--space", str(SMOKE), "--num-samples", "4", "--out", str(exp)]
-    out = subprocess.run(submit, capture_output=True, text=True, env=_env(), timeout=600, cwd=ROOT)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "succeeded" in out.stdout.lower()
-    summary = json.loads((exp / "summary.json").read_text())
-    assert len(summary["trials"]) == 4 and summary["best"]["test"]["rank_ic"] is not None
+    # an orphan was asked after Tune's last experiment save (FAIL, with the note), or it ended
+    # within the last second before the kill, after that save (COMPLETE; Tune re-ran its config)
+    assert all((ot.state == TrialState.FAIL and NOTE_ATTR in ot.user_attrs) or ot.state == TrialState.COMPLETE
+               for ot in orphans)
 
 
 def test_failed_trials_are_recorded_and_the_search_goes_on(tiny_market, tmp_path, ray_session):

@@ -329,7 +329,7 @@ class FactorVAEWorker:
         start, cpu = time.perf_counter(), _cpu_seconds()
         out = train_epoch(self.step, batches, d=self.d, sched=self.run.sched, nonfinite=t.nonfinite,
                           max_skipped_fraction=t.max_skipped_fraction, days_per_step=self.cfg.data.batch_days,
-                          on_step=lambda i, n: self.progress.tick(what=what, step=i, steps=n, started=start))
+                          on_step=lambda i, n, _loss: self.progress.tick(what=what, step=i, steps=n, started=start))
         _sync(self.device)
         wall, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
         days = [d for b in batches for d in b]
