@@ -96,9 +96,14 @@ def _fit_in_trial(cfg: Config, *, data: Path, out: Path, gpu: bool, started: flo
 
     from fvae.train import Dist, fit, hold_last_report, record_trial_time, scalar_metrics
 
+    # the run folder's own last checkpoint is at least as new as the one Tune recorded (Tune's
+    # experiment state can predate the trial's last epochs when the driver was killed)
     resume = None
+    last = out / "checkpoints" / "last"
     ckpt = tune.get_checkpoint()
-    if ckpt is not None:
+    if (last / "state.pt").is_file() and ckpt is not None:
+        resume = load_state(last)
+    elif ckpt is not None:
         with ckpt.as_directory() as path:
             resume = load_state(Path(path))
 
