@@ -428,13 +428,44 @@ def fit_factorvae(data: str | Path, *, out: str | Path, seed: int, cfg: Baseline
     out = Path(out)
     result = ftrain.run_standalone(tcfg, data=Path(data), out=out, gpu=cfg.gpu)
     res = {"valid": result["valid"], "test": result["test"], "best_epoch": result["best_epoch"],
-           "epochs_run": result["epochs_run"], "seed": seed, "run_dir": str(out)}
+           "epochs_run": result["epochs_run"], "seed": seed, "run_dir": str(out),
+           "factor_model": factor_model_figures(out / "metrics.json")}
     if holdout:
         if test_panel is None:
             raise ValueError("fit_factorvae: holdout scoring needs the original test panel")
         res["holdout"] = score(predictions_to_dense(out / "pred_test.parquet", test_panel), test_panel,
                                stocks=holdout)
     return res
+
+
+FACTOR_FIGURES = ("active_factors", "rank_ic_post", "common_share")  # the best epoch's, on validation
+
+
+def factor_model_figures(metrics_file: Path) -> dict[str, Any]:
+    """Is the factor model fit? From a run's metrics.json: the best epoch's number of active factors,
+    posterior Rank IC and factors' share of the predicted variance (validation), and the bias
+    statistics per segment (``risk``, and ``risk_calibrated`` where the run has them)."""
+    m = json.loads(Path(metrics_file).read_text())
+    row = next(h for h in m["history"] if h["epoch"] == m["best_epoch"])
+    out: dict[str, Any] = {k: row[f"valid_{k}"] for k in FACTOR_FIGURES}
+    out.update({k: m[k] for k in ("risk", "risk_calibrated") if k in m})
+    return out
+
+
+def aggregate_factor_figures(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and sample std over the seeds of ``factor_model_figures`` (bias statistics per segment and portfolio)."""
+    def cell(v: list[float]) -> dict[str, Any]:
+        a = np.array(v, dtype=np.float64)
+        fin = a[np.isfinite(a)]
+        return {"mean": float(fin.mean()) if len(fin) else None,
+                "std": float(fin.std(ddof=1)) if len(fin) > 1 else None}
+    figs = [r["factor_model"] for r in results]
+    out: dict[str, Any] = {k: cell([f[k] for f in figs]) for k in FACTOR_FIGURES}
+    for kind in ("risk", "risk_calibrated"):
+        if all(kind in f for f in figs):
+            out[kind] = {seg: {p: cell([f[kind][seg][p] for f in figs]) for p in figs[0][kind][seg] if p != "days"}
+                         for seg in figs[0][kind]}
+    return out
 
 
 def predictions_to_dense(path: Path, panel: Panel) -> torch.Tensor:
@@ -590,6 +621,8 @@ def run_baselines(data: str | Path, *, out: str | Path, models: tuple[str, ...] 
     summary: dict[str, Any] = {"data": str(data), "seeds": list(seeds), "config": _config_dict(cfg),
                                "models": {m: aggregate(r) for m, r in runs.items()},
                                "selected_by": {m: SELECTED_BY[m] for m in runs}}
+    summary["factor_model"] = {m: aggregate_factor_figures(r) for m, r in runs.items()
+                               if r and all("factor_model" in x for x in r)}
     if "ceiling_rank_ic" in full.meta.extra:
         summary["ceiling_rank_ic"] = full.meta.extra["ceiling_rank_ic"]
     if robustness:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -119,6 +120,16 @@ def test_cli_seeds_and_robustness(tiny_market, tmp_path, capsys):
         meta = read_meta(out / f"holdout_data_seed{r['seed']}")
         assert meta.extra["holdout_stocks"] == r["holdout_stocks"]
         assert math.isfinite(r["holdout"]["rank_ic"])
+        # the factor model's figures are the run's own metrics.json's, at its best epoch
+        m = json.loads((Path(r["run_dir"]) / "metrics.json").read_text())
+        best = next(h for h in m["history"] if h["epoch"] == m["best_epoch"])
+        assert r["factor_model"]["active_factors"] == best["valid_active_factors"]
+        assert r["factor_model"]["risk"]["test"] == m["risk"]["test"]
+    fm = res["factor_model"]
+    assert list(fm) == ["factorvae"]  # networks without a factor model have none
+    vals = [r["factor_model"]["rank_ic_post"] for r in runs["factorvae"]]
+    assert fm["factorvae"]["rank_ic_post"]["mean"] == pytest.approx(sum(vals) / 2)
+    assert fm["factorvae"]["risk"]["test"]["random"]["std"] is not None
     printed = capsys.readouterr().out
     assert "| model | valid Rank IC" in printed and "Robustness" in printed
     assert bl.main(["--data", str(tiny_market), "--out", str(out), "--models", "lasso"]) == 2
