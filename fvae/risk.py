@@ -131,7 +131,8 @@ def calibrate_risk(*, y: np.ndarray, valid: np.ndarray, beta: np.ndarray, sigma_
     Returns {"c_z", "c_alpha", "days", "clipped" (a bound of CALIBRATION_RANGE binds), "residual"
     (max |log B| left at the fit)}. Raises ValueError when the segment has fewer than 3 usable days.
     """
-    from scipy.optimize import least_squares  # only here: importing fvae.risk stays cheap
+    # imported here: importing fvae.risk stays cheap
+    from scipy.optimize import least_squares
 
     parts = _portfolio_parts(y=y, valid=valid, beta=beta, sigma_z=sigma_z, sigma_alpha=sigma_alpha, seed=seed)
     kinds = [parts[k] for k in ("random", "factor") if k in parts]
