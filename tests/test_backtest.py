@@ -187,8 +187,9 @@ def test_mean_variance_matches_cvxpy_optimum():
 
 
 def _holdings(folder: Path) -> np.ndarray:
-    return pd.read_parquet(folder / "holdings_mv.parquet").pivot(index="datetime", columns="instrument",
-                                                                 values="weight").fillna(0.0).to_numpy()
+    """holdings_mv.parquet as (days, the 40 stocks of ``constant_universe``), 0 where not held."""
+    h = pd.read_parquet(folder / "holdings_mv.parquet").pivot(index="datetime", columns="instrument", values="weight")
+    return h.reindex(columns=[f"S{i:02d}" for i in range(40)]).fillna(0.0).to_numpy()
 
 
 def test_mean_variance_uses_the_runs_calibrated_risk_model(constant_universe, tmp_path, capsys):
@@ -199,9 +200,11 @@ def test_mean_variance_uses_the_runs_calibrated_risk_model(constant_universe, tm
     scaled.mkdir()
     c_z, c_alpha = 4.0, 0.25
     pred, fz = pd.read_parquet(constant_universe), pd.read_parquet(constant_universe.with_name("factors_test.parquet"))
+    first = sorted(fz["datetime"])[:6]  # 6 days are enough and keep the four backtests quick
+    pred, fz = pred[pred["datetime"].isin(first)], fz[fz["datetime"].isin(first)]
     pred.to_parquet(run / "pred_test.parquet", index=False)
     fz.to_parquet(run / "factors_test.parquet", index=False)
-    (run / "metrics.json").write_text(json.dumps({"risk_calibration": {"c_z": c_z, "c_alpha": c_alpha, "days": 40,
+    (run / "metrics.json").write_text(json.dumps({"risk_calibration": {"c_z": c_z, "c_alpha": c_alpha, "days": 6,
                                                                        "fit_segment": "valid"}}))
     pred.assign(sigma_alpha=pred["sigma_alpha"] * np.sqrt(c_alpha)).to_parquet(scaled / "pred_test.parquet")
     sz = [f"sigma_z_{k}" for k in range(K_FACTORS)]
