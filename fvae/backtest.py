@@ -3,10 +3,16 @@
     python -m fvae.backtest --pred PREDICTIONS --out DIR [--data DIR] [--strategy topk|mv|all]
                             [--topk 50 --n-drop 5] [--buy-cost-bps 5 --sell-cost-bps 15]
                             [--benchmark INDEX_CSV] [--max-weight 0.05 --max-turnover 0.3
-                            --risk-aversion 1] [--qlib-check]
+                            --risk-aversion 1] [--risk auto|calibrated|raw] [--qlib-check]
 
 PREDICTIONS is a ``pred_*.parquet`` written by ``fvae.train``, a run directory (then its
 ``pred_test.parquet``) or a search directory of ``fvae.tune`` (then its best trial's). Mean-variance also needs the matching ``factors_*.parquet`` next to it.
+
+Risk model of mean-variance (``--risk``): ``calibrated`` is Σ_c = c_z β diag(σ_z²) βᵀ + c_α diag(σ_α²)
+with the scalars of ``risk_calibration`` in the run's metrics.json (next to the predictions; fit on
+the validation segment, ``fvae.risk.calibrate_risk``), ``raw`` the model's own σ's as written in the
+prediction files, ``auto`` (the default) calibrated when the run has a calibration, else raw with a
+note. backtest.json's ``risk_model`` records which Σ the books were built on.
 
 Timing convention. A row (date t, stock i) of the predictions holds the score computed from
 information up to t and ``label`` = ret[t, i], the raw forward return realised *after* t (for the
@@ -47,11 +53,12 @@ import pandas as pd
 from fvae.data.shards import DataError, read_meta, read_rows
 from fvae.io import atomic_write_json, pyplot
 from fvae.progress import bar
-from fvae.risk import risk_matvec
+from fvae.risk import apply_calibration, risk_matvec
 
 TRADING_DAYS = 252
 STRATEGIES = ("topk", "mv")
 STRATEGY_LABELS = {"topk": "TopK-Drop", "mv": "mean-variance"}
+RISK_MODES = ("auto", "calibrated", "raw")  # --risk: which Σ mean-variance uses (module docstring)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,8 +74,11 @@ class BacktestConfig:
     max_turnover: float = 0.3  # mean-variance limit on ‖w_t − w_{t−1}‖₁ from the second day on
     risk_aversion: float = 1.0  # λ, in the model's units (μ and Σ are in label units)
     benchmark: Path | None = None  # CSV (date, return); None = equal-weighted universe of the day
+    risk: str = "auto"  # RISK_MODES: calibrated Σ when the run has one (auto), required (calibrated), or raw
 
     def __post_init__(self) -> None:
+        if self.risk not in RISK_MODES:
+            raise ValueError(f"--risk: expected one of {', '.join(RISK_MODES)}, got {self.risk!r}")
         bad = [s for s in self.strategies if s not in STRATEGIES]
         if bad or not self.strategies:
             raise ValueError(f"--strategy: expected topk, mv or all, got {list(self.strategies)}")
@@ -225,6 +235,41 @@ def load_market(pred: str | Path, *, data: str | Path | None = None, need_risk: 
                f"{pred_path} lacks beta_k/sigma_alpha columns")
         raise DataError(f"mean-variance needs the model's risk model: {why}")
     return market
+
+
+def read_calibration(pred_path: Path) -> tuple[dict[str, Any] | None, str]:
+    """``risk_calibration`` of the run that wrote ``pred_path`` (its folder's metrics.json) and that
+    file's path; None (and why, in place of the path) when there is none."""
+    path = pred_path.parent / "metrics.json"
+    if not path.is_file():
+        return None, f"{path} not found"
+    try:
+        cal = json.loads(path.read_text()).get("risk_calibration")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise DataError(f"{path}: not a valid metrics.json ({e})") from None
+    if cal is None:
+        return None, f"{path} has no risk_calibration"
+    ok = isinstance(cal, dict) and all(isinstance(cal.get(k), (int, float)) and math.isfinite(cal[k]) and cal[k] > 0
+                                       for k in ("c_z", "c_alpha"))
+    if not ok:
+        raise DataError(f"{path}: risk_calibration: expected positive finite c_z and c_alpha, got {cal!r}")
+    return cal, str(path)
+
+
+def use_risk_model(market: Market, mode: str) -> dict[str, Any]:
+    """Put the Σ of ``mode`` (RISK_MODES) into ``market``'s σ_z, σ_α; returns backtest.json's ``risk_model``."""
+    if mode == "raw":
+        return {"sigma": "raw"}
+    cal, where = read_calibration(Path(market.source["predictions"]))
+    if cal is None:
+        if mode == "calibrated":
+            raise DataError(f"--risk calibrated: {where} (pass --risk raw for the model's own Σ)")
+        return {"sigma": "raw", "note": f"no calibration: {where}"}
+    assert market.sigma_z is not None and market.sigma_alpha is not None
+    market.sigma_z, market.sigma_alpha = apply_calibration(sigma_z=market.sigma_z, sigma_alpha=market.sigma_alpha,
+                                                           c_z=float(cal["c_z"]), c_alpha=float(cal["c_alpha"]))
+    return {"sigma": "calibrated", "c_z": float(cal["c_z"]), "c_alpha": float(cal["c_alpha"]),
+            "fit_segment": cal.get("fit_segment"), "from": where}
 
 
 def _check_overlap(market: Market, df: pd.DataFrame, rows: pd.DataFrame, *, pred_path: Path, returns: str) -> None:
@@ -539,6 +584,7 @@ def run_backtest(pred: str | Path, *, out: str | Path, data: str | Path | None =
     """Backtest every strategy of ``cfg`` on ``pred`` and write the outputs to ``out``; returns backtest.json."""
     out = Path(out)
     market = load_market(pred, data=data, need_risk="mv" in cfg.strategies)
+    risk_model = use_risk_model(market, cfg.risk) if "mv" in cfg.strategies else None
     if cfg.benchmark is not None:
         bench, bench_name = read_benchmark_csv(cfg.benchmark, market.dates), f"index {cfg.benchmark}"
     else:
@@ -551,10 +597,16 @@ def run_backtest(pred: str | Path, *, out: str | Path, data: str | Path | None =
     result: dict[str, Any] = {
         "config": {"topk": cfg.topk, "n_drop": cfg.n_drop, "buy_cost_bps": cfg.buy_cost_bps,
                    "sell_cost_bps": cfg.sell_cost_bps, "max_weight": cfg.max_weight,
-                   "max_turnover": cfg.max_turnover, "risk_aversion": cfg.risk_aversion},
+                   "max_turnover": cfg.max_turnover, "risk_aversion": cfg.risk_aversion, "risk": cfg.risk},
         "source": market.source, "benchmark": {"name": bench_name, **portfolio_metrics(bench)},
         "start": market.dates[0].strftime("%Y-%m-%d"), "end": market.dates[-1].strftime("%Y-%m-%d"),
         "strategies": {}}
+    if risk_model is not None:
+        result["risk_model"] = risk_model  # the Σ mean-variance was built on
+        if progress:
+            print(f"[backtest] mean-variance risk model: {risk_model['sigma']} Σ"
+                  + (f" (c_z {risk_model['c_z']:.3g}, c_alpha {risk_model['c_alpha']:.3g})" if "c_z" in risk_model
+                     else f" ({risk_model['note']})" if "note" in risk_model else ""), flush=True)
     daily: dict[str, pd.DataFrame] = {}
     for name in cfg.strategies:
         t0 = time.time()
@@ -731,6 +783,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-weight", type=float, default=0.05)
     p.add_argument("--max-turnover", type=float, default=0.3)
     p.add_argument("--risk-aversion", type=float, default=1.0)
+    p.add_argument("--risk", choices=RISK_MODES, default="auto",
+                   help="mean-variance's Σ: the run's calibrated one (auto: when metrics.json has it), or raw")
     p.add_argument("--qlib-check", action="store_true", help="also run qlib's own TopK-Drop backtest (qlib data only)")
     return p
 
@@ -742,7 +796,7 @@ def main(argv: list[str] | None = None) -> int:
                              topk=args.topk, n_drop=args.n_drop, buy_cost_bps=args.buy_cost_bps,
                              sell_cost_bps=args.sell_cost_bps, max_weight=args.max_weight,
                              max_turnover=args.max_turnover, risk_aversion=args.risk_aversion,
-                             benchmark=args.benchmark)
+                             benchmark=args.benchmark, risk=args.risk)
         res = run_backtest(args.pred, out=args.out, data=args.data, cfg=cfg)
         if args.qlib_check:
             if args.data is None:

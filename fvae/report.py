@@ -14,7 +14,8 @@ directory and adds the search). Sections, with stable ids:
                tables from every file with one),
                the synthetic market's ceiling, each baseline's selection rule (baselines.json's
                ``selected_by``, when it has one); training curves
-    risk       bias statistics of the predicted covariance per segment (metrics.json's ``risk``)
+    risk       bias statistics of the predicted covariance per segment (metrics.json's ``risk``), and
+               of the calibrated one (``risk_calibrated``, scalars from ``risk_calibration``)
     posterior  is the posterior informative: per-epoch validation Rank IC of the forecast vs the
                posterior reconstruction, active factors, common variance share, KL per factor
                (metrics.json's history); factor recovery on a synthetic market (``factor_recovery``)
@@ -87,6 +88,11 @@ def _fmt(v: Any, digits: int = 4) -> str:
     if isinstance(v, float):
         return f"{v:.{digits}f}"
     return _esc(v)
+
+
+def _sig(v: Any) -> str:
+    """Three significant digits (a scale factor may be 0.002 or 300)."""
+    return f"{v:.3g}" if isinstance(v, (int, float)) and math.isfinite(v) else "–"
 
 
 def _pct(v: Any) -> str:
@@ -312,8 +318,7 @@ def section_risk(inp: Inputs) -> str:
     risk = inp.metrics.get("risk")
     if not isinstance(risk, dict) or not any(isinstance(risk.get(s), dict) for s in ("valid", "test")):
         return _na("metrics.json has no bias statistics (\"risk\"): the run predates them")
-    rows = [[seg, *[_bias_cell(r.get(k)) for k, _ in BIAS_COLS], _fmt(r.get("days"))]
-            for seg in ("valid", "test") if isinstance(r := risk.get(seg), dict)]
+    rows = _bias_rows(risk, "")
     lo, hi = BIAS_OK
     out = ('<p>Bias statistic: the standard deviation over days of a portfolio\'s realised return divided by '
            'its predicted volatility under the model\'s covariance β diag(σ_z²) βᵀ + diag(σ_α²). '
@@ -327,6 +332,33 @@ def section_risk(inp: Inputs) -> str:
     if off:
         out += f'<p class="verdict bad">{off} bias statistic{"s" if off != 1 else ""} outside [{lo}, {hi}]: ' \
                'the predicted covariance is miscalibrated there.</p>'
+    return out + _calibrated_risk(inp.metrics)
+
+
+def _bias_rows(risk: dict[str, Any], tag: str) -> list[list[Any]]:
+    return [[seg + tag, *[_bias_cell(r.get(k)) for k, _ in BIAS_COLS], _fmt(r.get("days"))]
+            for seg in ("valid", "test") if isinstance(r := risk.get(seg), dict)]
+
+
+def _calibrated_risk(metrics: dict[str, Any]) -> str:
+    """metrics.json's ``risk_calibration`` and ``risk_calibrated``: the scalars and the bias statistics of Σ_c."""
+    cal, risk = metrics.get("risk_calibration"), metrics.get("risk_calibrated")
+    if not isinstance(cal, dict) or not isinstance(risk, dict):
+        return _na("metrics.json has no risk calibration (\"risk_calibration\"): the run predates it")
+    fit = _esc(str(cal.get("fit_segment", "valid")))
+    out = ('<h3>Calibrated risk model</h3><p>Σ_c = c_z · β diag(σ_z²) βᵀ + c_α · diag(σ_α²), the two scalars '
+           f'fit on the {fit} segment so that its random and factor-mimicking bias statistics are 1: '
+           f'c_z = <b>{_sig(cal.get("c_z"))}</b> (factor variance), c_α = <b>{_sig(cal.get("c_alpha"))}</b> '
+           f'(specific variance), over {_fmt(cal.get("days"))} days'
+           f'{" (held at a bound of the allowed range)" if cal.get("clipped") else ""}. The other segments are '
+           'the out-of-sample check; the mean-variance backtest uses Σ_c.</p>')
+    rows = _bias_rows(risk, " (calibrated)")
+    out += _table(["segment", *[h for _, h in BIAS_COLS], "days"], rows, "risk-calibrated")
+    off = sum(isinstance(c, tuple) for r in rows for c in r)
+    if off:
+        lo, hi = BIAS_OK
+        out += f'<p class="verdict bad">{off} calibrated bias statistic{"s" if off != 1 else ""} outside ' \
+               f'[{lo}, {hi}].</p>'
     return out
 
 
@@ -517,6 +549,11 @@ def section_equity(folder: Path | None, note: str) -> str:
     out = (f'<p class="meta">Test segment {res["start"]} … {res["end"]}; TopK-Drop k = {c["topk"]}, n = '
            f'{c["n_drop"]}; mean-variance λ = {c["risk_aversion"]}, cap {c["max_weight"]}, turnover ≤ '
            f'{c["max_turnover"]}; costs {c["buy_cost_bps"]} bps buy / {c["sell_cost_bps"]} bps sell.</p>')
+    rm = res.get("risk_model")
+    if isinstance(rm, dict):
+        out += (f'<p class="meta">Mean-variance risk model: the calibrated Σ (c_z {_sig(rm.get("c_z"))}, '
+                f'c_α {_sig(rm.get("c_alpha"))}).</p>' if rm.get("sigma") == "calibrated" else
+                f'<p class="meta">Mean-variance risk model: the raw Σ{_esc("; " + rm["note"]) if rm.get("note") else ""}.</p>')
     if note:
         out += f'<p class="meta">{_esc(note)}.</p>'
     out += _table(["strategy", "annual return", "volatility", "Sharpe", "IR vs benchmark", "max drawdown",

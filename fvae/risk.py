@@ -14,12 +14,32 @@ under-predicts risk, below 1 it over-predicts it. Three kinds of portfolio:
                     the others (the mean over k)
     mean_variance   w = Σ⁻¹ μ for the model's own forecast μ (Woodbury, no N x N inverse)
 
+Calibration (as risk vendors scale a model's factor and specific variances): two positive scalars
+multiply the predicted variances, fit on ONE segment (the validation segment in ``fvae.train``),
+
+    Σ_c = c_z · β diag(σ_z²) βᵀ + c_α · diag(σ_α²)        i.e. σ_z → √c_z σ_z,  σ_α → √c_α σ_α
+
+A portfolio w's predicted variance splits into a factor and a specific part, each linear in its scalar,
+
+    wᵀ Σ_c w = c_z f + c_α s,    f = ‖diag(σ_z) βᵀ w‖²,   s = Σ_i σ_α,i² w_i²
+
+so its standardised return is b_t(c) = r_t / √(c_z f_t + c_α s_t) with r_t = w_tᵀ y_t. The fit solves the
+two equations  B_random(c) = 1  and  B_factor(c) = 1  (B the bias statistic above, on the same
+portfolios) for x = (log c_z, log c_α): residuals log B_kind(eˣ), bounded least squares (scipy's
+trust-region reflective), c clipped to CALIBRATION_RANGE and reported as ``clipped`` when a bound binds.
+Random portfolios carry mostly specific risk and factor-mimicking ones mostly factor risk, so the two
+equations pin down the two scalars; on the fit segment the calibrated random and factor statistics
+are then 1 by construction, and another segment (test) is the out-of-sample check. The
+mean-variance portfolio Σ_c⁻¹μ changes with c and is only checked, never fitted.
+
 Factor recovery on a synthetic market (which plants β and z): canonical correlations between a
 model's factor series and the true z_t, and the R² of the true β regressed on the learnt β, both
 after removing each day's cross-sectional mean (the rank-normalised label has none).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -46,6 +66,45 @@ def mean_variance(mu: np.ndarray, beta: np.ndarray, sigma_z: np.ndarray, sigma_a
     return a - dinv * (beta @ np.linalg.solve(inner, beta.T @ a))
 
 
+def _portfolio_parts(*, y: np.ndarray, valid: np.ndarray, beta: np.ndarray, sigma_z: np.ndarray,
+                     sigma_alpha: np.ndarray, seed: int, mu: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Per kind of portfolio, the stacked (r, f, s) of every usable day: {"random": (3, days, 16),
+    "factor": (3, days, K), "mean_variance": (3, days, 1) when ``mu`` is given}; r = wᵀy, f and s the
+    factor and specific parts of wᵀΣw. Shapes as in ``bias_statistics``; the random portfolios are
+    the same for the same seed and valid mask, whatever σ."""
+    rng = np.random.default_rng(seed)
+    K = beta.shape[-1]
+    rows: dict[str, list[np.ndarray]] = {"random": [], "factor": [], "mean_variance": []}
+    for d in range(y.shape[0]):
+        v = valid[d]
+        n = int(v.sum())
+        if n <= K + 2:
+            continue
+        yd, b = y[d, v].astype(np.float64), beta[d, v].astype(np.float64)
+        sa, sz = sigma_alpha[d, v].astype(np.float64), sigma_z[d].astype(np.float64)
+        ports = {"random": rng.standard_normal((RANDOM_PORTFOLIOS, n))}
+        try:
+            ports["factor"] = np.linalg.solve(b.T @ b, b.T)  # (K, n): row k = β (βᵀβ)⁻¹ e_k
+        except np.linalg.LinAlgError:
+            pass
+        if mu is not None:
+            ports["mean_variance"] = mean_variance(mu[d, v].astype(np.float64), b, sz, sa)[None]
+        for name, w in ports.items():  # w (P, n)
+            f = (((w @ b) * sz) ** 2).sum(1)  # (P,) ‖diag(σ_z) βᵀw‖²
+            rows[name].append(np.stack([w @ yd, f, (w**2 * sa**2).sum(1)]))  # (3, P)
+    return {name: np.stack(r, 1) for name, r in rows.items() if r}
+
+
+def _bias(parts: np.ndarray, c_z: float = 1.0, c_alpha: float = 1.0) -> float:
+    """The bias statistic of (r, f, s) (3, days, P) under c_z, c_α: the mean over the P portfolios of
+    the std over days of r / √(c_z f + c_α s); NaN with fewer than 3 days."""
+    r, f, s = parts
+    if r.shape[0] < 3:
+        return float("nan")
+    b = r / np.sqrt(np.maximum(c_z * f + c_alpha * s, 1e-30))
+    return float(np.mean(b.std(axis=0, ddof=1)))
+
+
 def bias_statistics(*, y: np.ndarray, valid: np.ndarray, mu: np.ndarray, beta: np.ndarray, sigma_z: np.ndarray,
                     sigma_alpha: np.ndarray, seed: int = 0) -> dict[str, float]:
     """Bias statistics over a segment: y, mu, sigma_alpha (D, N), valid (D, N), beta (D, N, K), sigma_z (D, K).
@@ -53,34 +112,53 @@ def bias_statistics(*, y: np.ndarray, valid: np.ndarray, mu: np.ndarray, beta: n
     Returns {"random", "factor", "mean_variance"} (each the std over days of the standardised
     portfolio return; NaN with fewer than 3 usable days) and "days".
     """
-    rng = np.random.default_rng(seed)
-    K = beta.shape[-1]
-    z: dict[str, list[np.ndarray]] = {"random": [], "factor": [], "mean_variance": []}
-    for d in range(y.shape[0]):
-        v = valid[d]
-        n = int(v.sum())
-        if n <= K + 2:
-            continue
-        yd, b, sa, sz = y[d, v].astype(np.float64), beta[d, v].astype(np.float64), sigma_alpha[d, v], sigma_z[d]
-        sa, sz = sa.astype(np.float64), sz.astype(np.float64)
-        ports = {"random": rng.standard_normal((RANDOM_PORTFOLIOS, n))}
-        try:
-            ports["factor"] = np.linalg.solve(b.T @ b, b.T)  # (K, n): row k = β (βᵀβ)⁻¹ e_k
-        except np.linalg.LinAlgError:
-            pass
-        ports["mean_variance"] = mean_variance(mu[d, v].astype(np.float64), b, sz, sa)[None]
-        for name, w in ports.items():
-            var = predicted_var(w, b, sz, sa)
-            z[name].append((w @ yd) / np.sqrt(np.maximum(var, 1e-30)))  # (P,)
-    out: dict[str, float] = {}
-    for name, rows in z.items():
-        if len(rows) < 3:
-            out[name] = float("nan")
-            continue
-        arr = np.stack(rows)  # (days, P)
-        out[name] = float(np.mean(arr.std(axis=0, ddof=1)))
-    out["days"] = len(z["random"])
+    parts = _portfolio_parts(y=y, valid=valid, beta=beta, sigma_z=sigma_z, sigma_alpha=sigma_alpha, seed=seed,
+                             mu=mu)
+    out = {name: _bias(parts[name]) if name in parts else float("nan")
+           for name in ("random", "factor", "mean_variance")}
+    out["days"] = int(parts["random"].shape[1]) if "random" in parts else 0
     return out
+
+
+CALIBRATION_RANGE = (1e-4, 1e4)  # bounds on c_z and c_α: beyond them the raw model is not worth scaling
+
+
+def calibrate_risk(*, y: np.ndarray, valid: np.ndarray, beta: np.ndarray, sigma_z: np.ndarray,
+                   sigma_alpha: np.ndarray, seed: int = 0) -> dict[str, float | int | bool]:
+    """Fit c_z (factor variance) and c_α (specific variance) so that the random and factor-mimicking
+    bias statistics of this segment are 1 (module docstring). Shapes as in ``bias_statistics``.
+
+    Returns {"c_z", "c_alpha", "days", "clipped" (a bound of CALIBRATION_RANGE binds), "residual"
+    (max |log B| left at the fit)}. Raises ValueError when the segment has fewer than 3 usable days.
+    """
+    # imported here: importing fvae.risk stays cheap
+    from scipy.optimize import least_squares
+
+    parts = _portfolio_parts(y=y, valid=valid, beta=beta, sigma_z=sigma_z, sigma_alpha=sigma_alpha, seed=seed)
+    kinds = [parts[k] for k in ("random", "factor") if k in parts]
+    if len(kinds) < 2 or min(p.shape[1] for p in kinds) < 3:
+        raise ValueError(f"calibrate_risk: needs at least 3 usable days (more than K + 2 = {beta.shape[-1] + 2} "
+                         "stocks each) with random and factor-mimicking portfolios")
+
+    def residual(x: np.ndarray) -> np.ndarray:  # log B_kind(e^x): 0 at the fit
+        return np.log([_bias(p, math.exp(x[0]), math.exp(x[1])) for p in kinds])
+
+    lo, hi = (math.log(b) for b in CALIBRATION_RANGE)
+    fit = least_squares(residual, np.zeros(2), bounds=([lo, lo], [hi, hi]), method="trf", x_scale=1.0,
+                        xtol=1e-12, ftol=1e-12, gtol=1e-12)
+    c_z, c_alpha = (float(math.exp(v)) for v in fit.x)
+    clipped = bool(np.any(np.isclose(fit.x, lo, atol=1e-6) | np.isclose(fit.x, hi, atol=1e-6)))
+    return {"c_z": c_z, "c_alpha": c_alpha, "days": int(kinds[0].shape[1]), "clipped": clipped,
+            "residual": float(np.max(np.abs(residual(fit.x))))}
+
+
+def apply_calibration(*, sigma_z: np.ndarray, sigma_alpha: np.ndarray, c_z: float,
+                      c_alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """The calibrated (σ_z, σ_α) = (√c_z σ_z, √c_α σ_α), any shapes: β diag(σ_z²) βᵀ + diag(σ_α²) on
+    them is Σ_c."""
+    if not (c_z > 0 and c_alpha > 0 and math.isfinite(c_z) and math.isfinite(c_alpha)):
+        raise ValueError(f"risk calibration: expected positive finite c_z and c_alpha, got {c_z}, {c_alpha}")
+    return sigma_z * math.sqrt(c_z), sigma_alpha * math.sqrt(c_alpha)
 
 
 def _demean(x: np.ndarray) -> np.ndarray:

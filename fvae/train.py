@@ -13,10 +13,15 @@ RUN_DIR receives:
     checkpoints/last/         state.pt: model, optimizer, schedule, epoch, RNG, config, data fingerprint
     best.pt                   best-epoch weights by validation Rank ICIR, with config and fingerprint
     tb/                       TensorBoard scalars per epoch and an hparams record
-    pred_{valid,test}.parquet (datetime, instrument) -> score, sigma, beta_k: one row per stock-day
+    pred_{valid,test}.parquet (datetime, instrument) -> score, sigma, sigma_alpha, beta_k: one row per
+                              stock-day; σ's are the raw model's (the calibrated Σ multiplies σ_z² by
+                              c_z and σ_α² by c_alpha from metrics.json's risk_calibration)
     pred_{valid,test}.pkl     the same scores in qlib's pred.pkl layout
     factors_{valid,test}.parquet  per-day prior factor distribution (mu_z_k, sigma_z_k)
-    metrics.json              ic, icir, rank_ic, rank_icir for valid and test, plus the epoch history
+    metrics.json              ic, icir, rank_ic, rank_icir for valid and test, plus the epoch history;
+                              risk: bias statistics per segment of the raw Σ; risk_calibration: the scalars
+                              c_z, c_alpha fit on the validation segment (fvae.risk.calibrate_risk) and
+                              risk_calibrated: the bias statistics of the calibrated Σ per segment
     curves.png                training curves
 """
 
@@ -45,7 +50,8 @@ from fvae.io import atomic_to_parquet, atomic_to_pickle, atomic_torch_save, atom
 from fvae.metrics import daily_ic, daily_rank_ic, summarize
 from fvae.model import FactorVAE, ModelConfig
 from fvae.progress import step_bar
-from fvae.risk import ACTIVE_KL, beta_span_r2, bias_statistics, canonical_correlations, oracle_factors
+from fvae.risk import (ACTIVE_KL, apply_calibration, beta_span_r2, bias_statistics, calibrate_risk,
+                       canonical_correlations, oracle_factors)
 
 
 @dataclass(kw_only=True)
@@ -774,6 +780,7 @@ def write_run_outputs(model: FactorVAE, cfg: Config, meta: Meta, *, data: Path, 
     atomic_torch_save(out / "best.pt", {"model": model.state_dict(), "config": fconfig.to_dict(cfg),
                                         "fingerprint": meta.fingerprint, "num_features": meta.channels, "best": best})
     metrics: dict[str, Any] = {}
+    cal: dict[str, Any] | None = None  # fit on the validation segment, checked on every segment
     # a synthetic market's planted β, read with the validation panel for factor_recovery
     truth = tuple(f"beta_true_{k}" for k in range(int(meta.extra["generator"]["factors"]))) \
         if (data / TRUTH_FILE).is_file() else ()
@@ -786,6 +793,13 @@ def write_run_outputs(model: FactorVAE, cfg: Config, meta: Meta, *, data: Path, 
         res = summarize(daily_ic(pred["mu"], panel.ret, panel.valid), daily_rank_ic(pred["mu"], panel.ret, panel.valid))
         metrics[seg] = res
         metrics.setdefault("risk", {})[seg] = risk_bias(panel, pred, seed=cfg.train.seed)
+        if seg == "valid":
+            cal = fit_risk_calibration(panel, pred, seed=cfg.train.seed)
+            if cal is not None:
+                metrics["risk_calibration"] = cal
+        if cal is not None:
+            metrics.setdefault("risk_calibrated", {})[seg] = risk_bias(panel, pred, seed=cfg.train.seed,
+                                                                       calibration=cal)
         write_predictions(out, seg, panel, pred)
         if extra:
             metrics["factor_recovery"] = {seg: factor_recovery(model, data, panel, pred, truth=extra, cfg=cfg)}
@@ -801,11 +815,34 @@ def write_run_outputs(model: FactorVAE, cfg: Config, meta: Meta, *, data: Path, 
     return {k: metrics[k] for k in ("valid", "test") if k in metrics}
 
 
-def risk_bias(panel: Panel, pred: dict[str, torch.Tensor], *, seed: int) -> dict[str, float]:
-    """Bias statistics of the predicted covariance on the segment's labels (``fvae.risk``)."""
-    n = lambda t: t.detach().cpu().numpy()  # noqa: E731
-    return bias_statistics(y=n(panel.label), valid=n(panel.valid), mu=n(pred["mu"]), beta=n(pred["beta"]),
-                           sigma_z=n(pred["sigma_z"]), sigma_alpha=n(pred["sigma_alpha"]), seed=seed)
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
+def risk_bias(panel: Panel, pred: dict[str, torch.Tensor], *, seed: int,
+              calibration: dict[str, Any] | None = None) -> dict[str, float]:
+    """Bias statistics of the predicted covariance on the segment's labels (``fvae.risk``); with
+    ``calibration`` (``fit_risk_calibration``'s) those of the calibrated Σ."""
+    sigma_z, sigma_alpha = _np(pred["sigma_z"]), _np(pred["sigma_alpha"])
+    if calibration is not None:
+        sigma_z, sigma_alpha = apply_calibration(sigma_z=sigma_z, sigma_alpha=sigma_alpha,
+                                                 c_z=calibration["c_z"], c_alpha=calibration["c_alpha"])
+    return bias_statistics(y=_np(panel.label), valid=_np(panel.valid), mu=_np(pred["mu"]), beta=_np(pred["beta"]),
+                           sigma_z=sigma_z, sigma_alpha=sigma_alpha, seed=seed)
+
+
+def fit_risk_calibration(panel: Panel, pred: dict[str, torch.Tensor], *, seed: int) -> dict[str, Any] | None:
+    """metrics.json's ``risk_calibration``: c_z and c_alpha fit on this (validation) segment; None,
+    with a note, when the segment is too short to fit them."""
+    try:
+        cal = calibrate_risk(y=_np(panel.label), valid=_np(panel.valid), beta=_np(pred["beta"]),
+                             sigma_z=_np(pred["sigma_z"]), sigma_alpha=_np(pred["sigma_alpha"]), seed=seed)
+    except ValueError as e:
+        print(f"[fvae] note: no risk calibration ({e})", flush=True)
+        return None
+    print(f"[fvae] risk calibration on valid: factor variance x{cal['c_z']:.3g}, specific variance "
+          f"x{cal['c_alpha']:.3g}{' (clipped at a bound)' if cal['clipped'] else ''}", flush=True)
+    return {**cal, "fit_segment": "valid"}
 
 
 @torch.no_grad()

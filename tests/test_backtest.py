@@ -186,6 +186,54 @@ def test_mean_variance_matches_cvxpy_optimum():
         assert f(mine) >= f(w.value) - 1e-5 * max(1.0, abs(f(w.value)))
 
 
+def _holdings(folder: Path) -> np.ndarray:
+    """holdings_mv.parquet as (days, the 40 stocks of ``constant_universe``), 0 where not held."""
+    h = pd.read_parquet(folder / "holdings_mv.parquet").pivot(index="datetime", columns="instrument", values="weight")
+    return h.reindex(columns=[f"S{i:02d}" for i in range(40)]).fillna(0.0).to_numpy()
+
+
+def test_mean_variance_uses_the_runs_calibrated_risk_model(constant_universe, tmp_path, capsys):
+    """With metrics.json's risk_calibration next to the predictions, mean-variance's books are those of
+    the raw model on prediction files whose σ_z² and σ_α² were scaled by c_z and c_alpha by hand."""
+    run, scaled = tmp_path / "run", tmp_path / "scaled"
+    run.mkdir()
+    scaled.mkdir()
+    c_z, c_alpha = 4.0, 0.25
+    pred, fz = pd.read_parquet(constant_universe), pd.read_parquet(constant_universe.with_name("factors_test.parquet"))
+    first = sorted(fz["datetime"])[:6]  # 6 days are enough and keep the four backtests quick
+    pred, fz = pred[pred["datetime"].isin(first)], fz[fz["datetime"].isin(first)]
+    pred.to_parquet(run / "pred_test.parquet", index=False)
+    fz.to_parquet(run / "factors_test.parquet", index=False)
+    (run / "metrics.json").write_text(json.dumps({"risk_calibration": {"c_z": c_z, "c_alpha": c_alpha, "days": 6,
+                                                                       "fit_segment": "valid"}}))
+    pred.assign(sigma_alpha=pred["sigma_alpha"] * np.sqrt(c_alpha)).to_parquet(scaled / "pred_test.parquet")
+    sz = [f"sigma_z_{k}" for k in range(K_FACTORS)]
+    fz.assign(**{c: fz[c] * np.sqrt(c_z) for c in sz}).to_parquet(scaled / "factors_test.parquet")
+    mv = bt.BacktestConfig(strategies=("mv",), max_weight=0.1)
+    res = bt.run_backtest(run, out=tmp_path / "cal", cfg=mv, progress=False)  # --risk auto
+    assert res["config"]["risk"] == "auto"
+    assert res["risk_model"] == {"sigma": "calibrated", "c_z": c_z, "c_alpha": c_alpha, "fit_segment": "valid",
+                                 "from": str(run.resolve() / "metrics.json")}
+    assert json.loads((tmp_path / "cal" / "backtest.json").read_text())["risk_model"]["sigma"] == "calibrated"
+    by_hand = bt.run_backtest(scaled, out=tmp_path / "hand", cfg=mv, progress=False)
+    assert by_hand["risk_model"] == {"sigma": "raw", "note": f"no calibration: {scaled.resolve() / 'metrics.json'} "
+                                                             "not found"}
+    raw = bt.run_backtest(run, out=tmp_path / "raw", cfg=bt.BacktestConfig(strategies=("mv",), max_weight=0.1,
+                                                                           risk="raw"), progress=False)
+    assert raw["risk_model"] == {"sigma": "raw"}
+    np.testing.assert_allclose(_holdings(tmp_path / "cal"), _holdings(tmp_path / "hand"), atol=1e-9)
+    assert np.abs(_holdings(tmp_path / "cal") - _holdings(tmp_path / "raw")).max() > 1e-3  # the scalars matter
+    # asking for the calibrated Σ where there is none, or a broken calibration: one line naming the file
+    capsys.readouterr()
+    assert bt.main(["--pred", str(scaled), "--out", str(tmp_path / "o"), "--strategy", "mv", "--risk",
+                    "calibrated"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --risk calibrated: ") and "metrics.json not found" in err and err.count("\n") == 1
+    (run / "metrics.json").write_text(json.dumps({"risk_calibration": {"c_z": -1.0, "c_alpha": 1.0}}))
+    with pytest.raises(DataError, match=r"metrics.json: risk_calibration: expected positive finite c_z"):
+        bt.run_backtest(run, out=tmp_path / "bad", cfg=mv, progress=False)
+
+
 def test_backtest_cli_writes_every_output(constant_universe, tmp_path, capsys):
     bench = pd.DataFrame({"date": pd.bdate_range("2020-01-01", periods=40).strftime("%Y-%m-%d"),
                           "return": np.linspace(-0.01, 0.01, 40)})

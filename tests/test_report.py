@@ -76,6 +76,11 @@ def test_run_report_renders_in_chromium(tiny_run, tmp_path):
     assert shot[..., :3].std() > 0.05 and len(np.unique(shot[::8, ::8, 0])) > 20
     # the backtest and the factor analysis were run because their outputs were absent
     assert (tiny_run / "backtest" / "backtest.json").is_file() and (tiny_run / "factors" / "factors.json").is_file()
+    # its mean-variance books were built on the run's calibrated Σ, and the page says so
+    cal = json.loads((tiny_run / "metrics.json").read_text())["risk_calibration"]
+    assert json.loads((tiny_run / "backtest" / "backtest.json").read_text())["risk_model"]["sigma"] == "calibrated"
+    assert f"Mean-variance risk model: the calibrated Σ (c_z {cal['c_z']:.3g}, c_α {cal['c_alpha']:.3g})" \
+        in _section(page, "equity")
     section = dom.split('<section id="search">')[1]
     assert "Not available because this is a single training run" in section
     assert "sector analysis was skipped" in dom  # synthetic tickers
@@ -354,6 +359,14 @@ def test_risk_posterior_and_recovery_tables_show_the_runs_numbers(tiny_run, tmp_
             assert f"{v:.3f}" in text, (seg, key)
             assert bool(off) == (not 0.8 <= v <= 1.25), (seg, key, v)
         assert cells[3][1] == str(r["days"])
+    # and of the calibrated Σ, with the scalars fit on the validation segment
+    cal = metrics["risk_calibration"]
+    assert f"c_z = <b>{cal['c_z']:.3g}</b>" in risk and f"c_α = <b>{cal['c_alpha']:.3g}</b>" in risk
+    for seg in ("valid", "test"):
+        row = re.search(rf"<tr><td>{seg} \(calibrated\)</td>(.*?)</tr>", risk).group(1)
+        cells = re.findall(r"<td(?: class=\"off\")?>(.*?)</td>", row)
+        assert [c.split(" ")[0] for c in cells[:3]] == [f"{metrics['risk_calibrated'][seg][k]:.3f}"
+                                                        for k in ("random", "factor", "mean_variance")]
 
     # posterior: one row per epoch, the forecast's and the posterior's Rank IC, the verdict at the best epoch
     post = _section(page, "posterior")
@@ -388,6 +401,10 @@ def test_planted_values_are_marked_and_a_collapse_is_called_one(tiny_run, tmp_pa
     def edit(m: dict) -> None:
         m["risk"] = {"valid": {"random": 0.5, "factor": 1.0, "mean_variance": 2.0, "days": 11},
                      "test": {"random": None, "factor": 1.25, "mean_variance": 0.8, "days": 0}}
+        m["risk_calibration"] = {"c_z": 123.456, "c_alpha": 0.002345, "days": 11, "clipped": True,
+                                 "fit_segment": "valid"}
+        m["risk_calibrated"] = {"valid": {"random": 1.0, "factor": 1.0, "mean_variance": 1.3, "days": 11},
+                                "test": {"random": 0.9, "factor": 1.1, "mean_variance": 0.7, "days": 0}}
         m["factor_recovery"] = PLANTED
         for h in m["history"]:
             h["valid_active_factors"] = 0
@@ -395,8 +412,11 @@ def test_planted_values_are_marked_and_a_collapse_is_called_one(tiny_run, tmp_pa
 
     run, _ = _bare_run(tiny_run, tmp_path, edit)
     page = rp.build_report(run, out=tmp_path / "r.html", progress=False).read_text()
-    risk = _section(page, "risk")
+    risk, calibrated = _section(page, "risk").split("<h3>Calibrated risk model</h3>")
     assert risk.count('class="off"') == 2  # 0.5 and 2.0; the band's edges 0.8 and 1.25 are fine
+    assert calibrated.count('class="off"') == 2 and "2 calibrated bias statistics outside [0.8, 1.25]" in calibrated
+    assert "c_z = <b>123</b>" in calibrated and "c_α = <b>0.00234</b>" in calibrated
+    assert "held at a bound" in calibrated and "fit on the valid segment" in calibrated
     assert '<td class="off"><span title="risk over-predicted">0.500 ▼</span></td>' in risk
     assert '<td class="off"><span title="risk under-predicted">2.000 ▲</span></td>' in risk
     assert "<td>1.000</td>" in risk and "<td>–</td>" in risk  # an undefined statistic (null) is a dash

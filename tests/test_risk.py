@@ -70,3 +70,46 @@ def test_beta_span_r2_is_one_for_a_rotation_and_low_for_noise():
     assert risk.beta_span_r2(m["beta"], rot, m["valid"]) == pytest.approx(1.0, abs=1e-9)
     noise = np.random.default_rng(3).standard_normal(m["beta"].shape)
     assert risk.beta_span_r2(m["beta"], noise, m["valid"]) < 0.05
+
+
+def _risk_inputs(m: dict) -> dict:
+    return {k: v for k, v in m.items() if k != "mu"}
+
+
+def test_calibration_recovers_the_scale_of_a_misstated_covariance():
+    """Returns from a known factor model; the predicted Σ states the factor variance at 1/4 of the
+    truth and the specific variance at 2x: calibration on the first 300 days finds c_z ≈ 4, c_α ≈ 1/2,
+    and the calibrated Σ is right on the 100 days it never saw."""
+    m, _ = _planted(D=400, N=80)
+    bad = {**m, "sigma_z": m["sigma_z"] / 2, "sigma_alpha": m["sigma_alpha"] * np.sqrt(2)}
+    fit = {k: v[:300] for k, v in bad.items()}
+    held = {k: v[300:] for k, v in bad.items()}
+    cal = risk.calibrate_risk(**_risk_inputs(fit))
+    # sampling: 300 days of variances, each estimated to about ±sqrt(2/300) ≈ 8 %
+    assert cal["c_z"] == pytest.approx(4.0, rel=0.2) and cal["c_alpha"] == pytest.approx(0.5, rel=0.12), cal
+    assert cal["days"] == 300 and not cal["clipped"] and cal["residual"] < 1e-8
+
+    def calibrated(seg: dict) -> dict:
+        sz, sa = risk.apply_calibration(sigma_z=seg["sigma_z"], sigma_alpha=seg["sigma_alpha"], c_z=cal["c_z"],
+                                        c_alpha=cal["c_alpha"])
+        return risk.bias_statistics(**{**seg, "sigma_z": sz, "sigma_alpha": sa})
+
+    on_fit = calibrated(fit)  # the two fitted statistics are 1 by construction
+    assert on_fit["random"] == pytest.approx(1.0, abs=1e-9) and on_fit["factor"] == pytest.approx(1.0, abs=1e-9)
+    raw, out = risk.bias_statistics(**held), calibrated(held)
+    assert raw["factor"] > 1.4 and raw["random"] < 0.95 and raw["mean_variance"] < 0.85, raw
+    for name in ("random", "factor", "mean_variance"):
+        assert out[name] == pytest.approx(1.0, abs=0.12), (name, out)
+
+
+def test_calibration_of_a_correct_covariance_is_one_and_bounds_are_reported():
+    m, _ = _planted(D=400, N=80)
+    cal = risk.calibrate_risk(**_risk_inputs(m))
+    assert cal["c_z"] == pytest.approx(1.0, rel=0.15) and cal["c_alpha"] == pytest.approx(1.0, rel=0.08), cal
+    # a factor variance stated 10⁸ times too small needs c_z = 10⁸: held at the bound, and said so
+    tiny = risk.calibrate_risk(**_risk_inputs({**m, "sigma_z": 1e-4 * m["sigma_z"]}))
+    assert tiny["clipped"] and tiny["c_z"] == pytest.approx(risk.CALIBRATION_RANGE[1], rel=1e-6), tiny
+    with pytest.raises(ValueError, match="at least 3 usable days"):
+        risk.calibrate_risk(**_risk_inputs({k: v[:2] for k, v in m.items()}))
+    with pytest.raises(ValueError, match="positive finite c_z"):
+        risk.apply_calibration(sigma_z=m["sigma_z"], sigma_alpha=m["sigma_alpha"], c_z=0.0, c_alpha=1.0)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fvae import config as fconfig
+from fvae import risk
 from fvae.data.loader import load_panel
 from fvae.model import FactorVAE
 from fvae.train import DEBUG_PRESET, Config, NonFiniteLossError, load_config, load_state, run_standalone
@@ -39,6 +40,21 @@ def test_run_writes_every_output(debug_run, tiny_market):
     assert len(metrics["history"]) == 2 and metrics["ceiling_rank_ic"]["test"] > 0
     # the saved config re-runs: it reads back to the same Config
     assert fconfig.load(Config, path=out / "config.yaml") == _cfg()
+
+
+def test_metrics_carry_the_risk_calibration_fit_on_valid(debug_run):
+    """c_z and c_alpha fit on the validation predictions; with them the validation segment's random
+    and factor-mimicking bias statistics are 1 (they are what was fit), the raw ones stay beside them."""
+    metrics = json.loads((debug_run[0] / "metrics.json").read_text())
+    cal = metrics["risk_calibration"]
+    assert cal["fit_segment"] == "valid" and cal["days"] == metrics["risk"]["valid"]["days"] > 0
+    lo, hi = risk.CALIBRATION_RANGE
+    assert lo <= cal["c_z"] <= hi and lo <= cal["c_alpha"] <= hi
+    assert set(metrics["risk_calibrated"]) == set(metrics["risk"]) == {"valid", "test"}
+    assert not cal["clipped"] and cal["residual"] < 1e-6, cal
+    for name in ("random", "factor"):
+        assert metrics["risk_calibrated"]["valid"][name] == pytest.approx(1.0, abs=1e-6), metrics["risk_calibrated"]
+    assert metrics["risk_calibrated"]["test"]["days"] == metrics["risk"]["test"]["days"]
 
 
 def test_predictions_cover_every_test_stock_day(debug_run, tiny_market):
