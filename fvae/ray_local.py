@@ -1,0 +1,225 @@
+"""A private local Ray cluster that lives exactly as long as the process that started it.
+
+    python -m fvae.ray_local watch OWNER_PID TEMP_DIR     (internal: the watchdog ``start`` spawns)
+
+``start`` runs ``ray start --head`` in a session of its own, on fresh ports and a fresh temp dir.
+Every process of that cluster (GCS, raylet, dashboard and its modules, the agents, the workers,
+whose command lines Ray rewrites to ``ray::IDLE``) inherits ``FVAE_RAY_CLUSTER=<temp dir>`` in its
+environment, which is how ``processes`` finds them all, also the agents and workers that outlive
+a killed raylet. A watchdog in a session of its own polls the owner; once the owner is gone (it
+exited, crashed or was killed with ``kill -9``) the watchdog stops every process of the cluster
+and deletes the temp dir. Without it, ``kill -9`` of a driver that had started Ray with
+``ray.init()`` leaves the DashboardAgent and the RuntimeEnvAgent running for good.
+
+Start-up on a loaded machine: Ray waits a fixed 30 s for the raylet to register with the GCS
+(``ray/_private/node.py``), which a machine whose load is several times its core count can miss.
+``ray start`` runs here with that wait stretched to ``startup_timeout_s``; a start that still
+fails is retried on fresh ports, and then reported as one :class:`RayStartError` that says what
+to do. Ray itself is not imported here: the cluster is started by its command-line tool.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MARKER = "FVAE_RAY_CLUSTER"
+AUTH = "RAY_AUTH_MODE"  # the cluster and its drivers must agree on it
+
+# `ray start`, with the raylet's registration wait stretched: Node.__init__ polls services.get_node
+# until 30 s have passed; this get_node itself retries until `wait` seconds have.
+_RAY_START = """
+import sys, time
+import ray._private.services as services
+wait, get_node = float(sys.argv.pop(1)), services.get_node
+def patient_get_node(*args, **kwargs):
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return get_node(*args, **kwargs)
+        except RuntimeError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+services.get_node = patient_get_node
+# token authentication (Ray's default for a local cluster): a token is made once, in ~/.ray/auth_token
+from ray._private.authentication.authentication_token_setup import ensure_token_if_auth_enabled
+ensure_token_if_auth_enabled(None, create_token_if_missing=True)
+from ray.scripts.scripts import main
+sys.argv[0] = "ray"
+main()
+"""
+
+
+class RayStartError(RuntimeError):
+    """A local Ray cluster did not start, after every try."""
+
+
+@dataclass(frozen=True)
+class LocalCluster:
+    address: str  # the GCS, for ray.init(address=...)
+    dashboard: str  # http://127.0.0.1:PORT: the job server and the State API
+    temp_dir: Path  # unique to this cluster: every one of its processes carries it (MARKER)
+    watchdog: subprocess.Popen
+
+
+def auth_mode() -> str:
+    """RAY_AUTH_MODE if set, else "token": what ``ray.init()`` gives a local cluster it starts."""
+    return os.environ.get(AUTH) or "token"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_env(temp: Path, wait_s: float) -> dict[str, str]:
+    """The environment of ``ray start``, which every process of the cluster inherits: the marker, the
+    authentication mode, and Ray's start-up waits stretched to ``wait_s`` (the raylet's wait for its
+    agents' ports, 10 s by default; the wait for the dashboard, 60 s)."""
+    return {**os.environ, MARKER: str(temp), AUTH: auth_mode(), "RAY_raylet_start_wait_time_s": str(int(wait_s)),
+            "RAY_DASHBOARD_STARTUP_TIMEOUT_S": str(int(wait_s))}
+
+
+def _spawn_watchdog(owner: int, temp: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != MARKER}
+    return subprocess.Popen([sys.executable, "-m", "fvae.ray_local", "watch", str(owner), str(temp)], env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # survives a kill of the owner's process group
+
+
+def start(*, num_cpus: int, object_store_mb: int = 256, tries: int = 3, startup_timeout_s: float = 120.0,
+          owner: int | None = None) -> LocalCluster:
+    """A fresh single-node cluster with ``num_cpus`` logical CPUs, a bounded object store and the
+    dashboard on loopback, stopped by a watchdog once ``owner`` (default: this process) is gone."""
+    errors = []
+    for attempt in range(1, tries + 1):
+        temp = Path(tempfile.mkdtemp(prefix="fvae-ray-", dir="/tmp"))  # short: socket paths have a length limit
+        watchdog = _spawn_watchdog(owner or os.getpid(), temp)
+        gcs, dash, client = _free_port(), _free_port(), _free_port()
+        t0 = time.monotonic()
+        cmd = [sys.executable, "-c", _RAY_START, str(startup_timeout_s), "start", "--head", f"--port={gcs}",
+               f"--num-cpus={num_cpus}", f"--object-store-memory={object_store_mb * 1024 * 1024}",
+               "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+               f"--ray-client-server-port={client}", f"--temp-dir={temp}", "--disable-usage-stats"]
+        try:
+            out = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=startup_timeout_s + 120,
+                                 env=_start_env(temp, startup_timeout_s), start_new_session=True)
+            if out.returncode == 0:
+                return LocalCluster(address=_gcs_address(out.stdout + out.stderr, gcs),
+                                    dashboard=f"http://127.0.0.1:{dash}", temp_dir=temp, watchdog=watchdog)
+            lines = [ln for ln in out.stderr.strip().splitlines() if ln.strip()]
+            errors.append(f"try {attempt}, after {time.monotonic() - t0:.0f} s: "
+                          f"{lines[-1] if lines else f'exit {out.returncode}'}")
+        except subprocess.TimeoutExpired:
+            errors.append(f"try {attempt}: no answer in {startup_timeout_s + 120:.0f} s")
+        _stop(temp, watchdog)
+        if attempt < tries:
+            time.sleep(5 * attempt)
+    raise RayStartError(f"a local Ray cluster did not start ({'; '.join(errors)}); the machine may be too loaded: "
+                        "reduce its load, or start a cluster with `ray start --head` and pass its address "
+                        "(--address HOST:PORT)")
+
+
+def _gcs_address(output: str, port: int) -> str:
+    for line in output.splitlines():
+        line = re.sub(r"\x1b\[[0-9;]*m", "", line)  # ray colours its output
+        if "ray start --address=" in line:
+            return line.split("--address=")[1].split()[0].strip("'\"")
+    return f"127.0.0.1:{port}"
+
+
+def processes(temp: Path) -> list[Any]:
+    """Every live process of the cluster whose temp dir is ``temp`` (psutil.Process objects)."""
+    import psutil
+
+    tag = str(temp)
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get(MARKER) == tag and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return found
+
+
+def kill(temp: Path, *, grace_s: float = 2.0, timeout_s: float = 30.0) -> None:
+    """SIGTERM every process of the cluster, SIGKILL what is left after ``grace_s``, until none is
+    found twice in a row (a raylet may start a worker meanwhile); then delete the temp dir."""
+    import psutil
+
+    def signal_all(found: list[Any], sig: int) -> None:
+        for p in found:
+            try:
+                p.send_signal(sig)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+
+    found = processes(temp)
+    signal_all(found, signal.SIGTERM)
+    psutil.wait_procs(found, timeout=grace_s)
+    deadline, calm = time.monotonic() + timeout_s, 0
+    while calm < 2 and time.monotonic() < deadline:
+        found = processes(temp)
+        signal_all(found, signal.SIGKILL)
+        calm = 0 if found else calm + 1
+        time.sleep(0.2)
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def _stop(temp: Path, watchdog: subprocess.Popen) -> None:
+    kill(temp)
+    if watchdog.poll() is None:
+        watchdog.kill()
+        watchdog.wait()
+
+
+def stop(cluster: LocalCluster) -> None:
+    """Stop the cluster now (disconnect drivers first) and its watchdog."""
+    _stop(cluster.temp_dir, cluster.watchdog)
+
+
+def owner_alive(proc: Any) -> bool:
+    import psutil
+
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def watch(owner: int, temp: Path, *, poll_s: float = 0.5) -> None:
+    """Wait for ``owner`` to be gone, then stop the cluster of ``temp``."""
+    import psutil
+
+    try:
+        proc = psutil.Process(owner)  # is_running() compares its start time: a reused pid is not the owner
+    except psutil.NoSuchProcess:
+        proc = None
+    while proc is not None and owner_alive(proc):
+        time.sleep(poll_s)
+    kill(temp)
+
+
+def sigterm_as_sigint() -> None:
+    """Treat SIGTERM like Ctrl-C (SIGINT): Tune then stops its trials and saves its state, and the
+    process exits through its normal clean-up (which stops a cluster it started)."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(os.getpid(), signal.SIGINT))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 4 or sys.argv[1] != "watch":
+        sys.exit("usage: python -m fvae.ray_local watch OWNER_PID TEMP_DIR")
+    watch(int(sys.argv[2]), Path(sys.argv[3]))
