@@ -32,6 +32,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ from fvae.io import atomic_to_parquet, atomic_to_pickle, atomic_torch_save, atom
 from fvae.metrics import daily_ic, daily_rank_ic, summarize
 from fvae.model import FactorVAE, ModelConfig
 from fvae.progress import step_bar
+from fvae.ray_local import RayStartError, sigterm_as_sigint
 from fvae.risk import (ACTIVE_KL, apply_calibration, beta_span_r2, bias_statistics, calibrate_risk,
                        canonical_correlations, oracle_factors)
 
@@ -585,22 +587,34 @@ def restore(run: Run, state: dict[str, Any] | None, *, cfg: Config, d: Dist) -> 
     if cfg.train.cuda_graph:  # the loaded learning rate must stay the device tensor a graph reads
         for g in run.optim.param_groups:
             g["lr"] = torch.as_tensor(g["lr"], dtype=torch.float32, device=d.device)
-    torch.set_rng_state(state["rng"]["torch"])
-    if d.device.type == "cuda" and state["rng"].get("cuda") is not None:
-        torch.cuda.set_rng_state(state["rng"]["cuda"], d.device)
+    ranks = state["rng"].get("ranks") or []
+    rng = ranks[d.rank] if len(ranks) == d.world_size else state["rng"]  # rank 0's for another world size
+    torch.set_rng_state(rng["torch"])
+    if d.device.type == "cuda" and rng.get("cuda") is not None:
+        torch.cuda.set_rng_state(rng["cuda"], d.device)
     stopper.load_state_dict(state)
     return state["epoch"] + 1, state["history"], stopper
 
 
+def rng_states(d: Dist) -> list[dict[str, torch.Tensor | None]]:
+    """Every rank's torch (and CUDA) RNG state, in rank order (a collective: call it on every rank)."""
+    mine = {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(d.device) if d.device.type == "cuda" else None}
+    if d.world_size == 1:
+        return [mine]
+    ranks: list[Any] = [None] * d.world_size
+    dist.all_gather_object(ranks, mine)
+    return ranks
+
+
 def save_checkpoint(out: Path, run: Run, *, cfg: Config, meta: Meta, history: list[dict],
-                    stopper: EarlyStopping, d: Dist) -> Path:
-    """checkpoints/last/state.pt: everything ``restore`` needs to continue bit for bit."""
-    rng = {"torch": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state(d.device) if d.device.type == "cuda" else None}
+                    stopper: EarlyStopping, rng: list[dict[str, Any]]) -> Path:
+    """checkpoints/last/state.pt: everything ``restore`` needs to continue bit for bit, on every rank
+    (``rng``: ``rng_states``; rank 0's also at the top level, for a resume with another world size)."""
     state = {"model": run.model.state_dict(), "optimizer": run.optim.state_dict(),
              "scheduler": run.sched.state_dict(), "epoch": history[-1]["epoch"], "config": fconfig.to_dict(cfg),
              "fingerprint": meta.fingerprint, "num_features": meta.channels, "history": history,
-             **stopper.state_dict(), "rng": rng}
+             **stopper.state_dict(), "rng": {**rng[0], "ranks": rng}}
     path = out / "checkpoints" / "last"
     atomic_torch_save(path / "state.pt", state)
     return path
@@ -706,7 +720,9 @@ def fit(cfg: Config, *, data: Path, out: Path, d: Dist, report: Reporter | None 
     tm.write(data_source=train_p.source)
 
     def after_epoch(row: dict[str, Any]) -> None:
-        ckpt = save_checkpoint(out, run, cfg=cfg, meta=meta, history=history, stopper=stopper, d=d) \
+        row["start_epoch"] = start  # where this process began: 0, or the epoch after a checkpoint it resumed
+        rng = rng_states(d)
+        ckpt = save_checkpoint(out, run, cfg=cfg, meta=meta, history=history, stopper=stopper, rng=rng) \
             if d.is_main else None
         if writer:
             writer.epoch(row)
@@ -1021,6 +1037,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run already in RUN_DIR (its new results take its place once complete)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: start a local one)")
+    p.add_argument("--max-failures", type=int, default=2,
+                   help="with --workers: times a failed worker group is restarted from the last checkpoint")
     return p
 
 
@@ -1034,6 +1052,9 @@ def check_cli(cfg: Config, args: argparse.Namespace) -> None:
     if args.workers < 0:
         raise fconfig.ConfigError(f"--workers: expected 0 (train in this process) or N >= 1 Ray Train workers, "
                                   f"got {args.workers}")
+    if args.max_failures < 0:
+        raise fconfig.ConfigError(f"--max-failures: expected >= 0 restarts of a failed worker group, "
+                                  f"got {args.max_failures}")
     local = args.workers == 0 or not (args.address or os.environ.get("RAY_ADDRESS"))
     if args.gpu and local and not torch.cuda.is_available():
         raise fconfig.ConfigError("--gpu: no CUDA device is visible here (torch.cuda.is_available() is False); "
@@ -1080,9 +1101,10 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(stale, ignore_errors=True)
             work, temporary = target.with_name(f".{target.name}.overwrite-{os.getpid()}"), True
         fresh = not work.exists()
+        sigterm_as_sigint()  # a stopped run exits through its clean-up (which stops a Ray cluster it started)
         if args.workers > 0:
             run_ray(cfg, data=args.data, out=work, workers=args.workers, gpu=args.gpu,
-                    address=args.address, resume=args.resume)
+                    address=args.address, resume=args.resume, max_failures=args.max_failures)
         else:
             run_standalone(cfg, data=args.data, out=work, gpu=args.gpu, resume=args.resume)
         if temporary:
@@ -1092,6 +1114,16 @@ def main(argv: list[str] | None = None) -> int:
         _discard(work, fresh=fresh, temporary=temporary)
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RayStartError as e:
+        _discard(work, fresh=fresh, temporary=temporary)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        _discard(work, fresh=fresh, temporary=temporary)
+        last = work / "checkpoints" / "last"
+        print("[fvae] interrupted: " + (f"{last} holds the last finished epoch; continue with --resume"
+                                        if last.is_dir() else "no epoch had finished"), file=sys.stderr, flush=True)
+        return 130
     except BaseException:
         _discard(work, fresh=fresh, temporary=temporary)
         raise
@@ -1108,8 +1140,32 @@ def _discard(work: Path, *, fresh: bool, temporary: bool) -> None:
 # --------------------------------------------------------------------------- Ray Train (the only Ray calls)
 
 
+FAILED_FILE = "failed.json"  # in a run directory: a failure that a retry would only repeat
+# errors that the same checkpoint, data and config raise again: Ray Train would retry them (it retries
+# whatever a worker raises), so the workers record them and return, and the driver raises them
+DETERMINISTIC = (NonFiniteLossError, DataError, ValueError)
+
+
+def record_failure(out: Path, error: BaseException) -> None:
+    """FAILED_FILE: the error's type and first line (what a search's summary shows as the reason)."""
+    first = (str(error).strip().splitlines() or [""])[0]
+    atomic_write_json(out / FAILED_FILE, {"error": type(error).__name__, "message": first[:1000]})
+
+
+def raise_if_failed(out: Path) -> None:
+    """Raise the failure recorded in ``out`` (FAILED_FILE), as the type it had where it is known."""
+    f = out / FAILED_FILE
+    if f.is_file():
+        info = json.loads(f.read_text())
+        kind = {"NonFiniteLossError": NonFiniteLossError, "DataError": DataError}.get(info["error"], RuntimeError)
+        raise kind(f"{info['message']}" if kind is not RuntimeError else f"{info['error']}: {info['message']}")
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train worker: the same ``fit``, reporting each epoch through ray.train.report."""
+    """Ray Train worker: the same ``fit``, reporting each epoch through ray.train.report.
+
+    A retried worker group (Ray Train restarts one after a worker died, up to ``max_failures``
+    times) continues from the last reported checkpoint, ``ray.train.get_checkpoint()``."""
     import ray.train
     import ray.train.torch
 
@@ -1124,15 +1180,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             resume = load_state(Path(path))
     elif config.get("resume") and (out / "checkpoints" / "last" / "state.pt").is_file():
         resume = load_state(out / "checkpoints" / "last")
+    if resume is not None and ctx.get_world_rank() == 0:
+        print(f"[fvae] resuming from the checkpoint after epoch {resume['epoch'] + 1}", flush=True)
 
     def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
         ray.train.report(scalar_metrics(metrics), checkpoint=ckpt)
 
     report, flush = hold_last_report(report, epochs=cfg.train.epochs)
-    fit(cfg, data=Path(config["data"]), out=out,
-        d=Dist(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(), device=device),
-        report=report, resume=resume, write_outputs=config.get("write_outputs", True), started=config.get("started"))
+    try:
+        fit(cfg, data=Path(config["data"]), out=out,
+            d=Dist(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(), device=device),
+            report=report, resume=resume, write_outputs=config.get("write_outputs", True),
+            started=config.get("started"))
+    except DETERMINISTIC as e:  # every rank raises it at the same step: all return
+        if ctx.get_world_rank() == 0:
+            record_failure(out, e)
+        return
     if ctx.get_world_rank() == 0 and config.get("started") is not None:
         record_trial_time(out, started=config["started"])  # before the last report, after which Tune may stop it
     flush()
@@ -1168,18 +1232,29 @@ def hold_last_report(report: Reporter, *, epochs: int) -> tuple[Reporter, Callab
 
 def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     """What Ray reports take: finite scalars (lists such as kl_per_factor stay in metrics.json)."""
-    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+    out = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+    if "epoch" in metrics:  # a count of epochs that survives restarts (Tune's training_iteration may restart at 1)
+        out["epochs_done"] = metrics["epoch"] + 1
+    return out
 
 
 def make_trainer(cfg: Config, *, data: Path, out: Path, workers: int, gpu: bool, storage_path: str,
                  name: str, callbacks: list | None = None, resources_per_worker: dict | None = None,
-                 resume: bool = False, max_failures: int = 0, started: float | None = None):
-    """A TorchTrainer that runs ``train_loop_per_worker`` on ``workers`` DDP ranks."""
+                 resume: bool = False, max_failures: int = 2, started: float | None = None):
+    """A TorchTrainer that runs ``train_loop_per_worker`` on ``workers`` DDP ranks; a worker group that
+    fails (a worker killed, OOM, a lost node) is restarted up to ``max_failures`` times, from the
+    last checkpoint."""
+    import importlib
+
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    # by reference: under `python -m fvae.train` this module is __main__, whose functions Ray would
+    # pickle by value, with every global they touch (torch's cudnn module cannot be pickled)
+    loop = importlib.import_module("fvae.train").train_loop_per_worker
+
     return TorchTrainer(
-        train_loop_per_worker,
+        loop,
         train_loop_config={"cfg": fconfig.to_dict(cfg), "data": str(Path(data).resolve()),
                            "out": str(Path(out).resolve()), "resume": resume, "started": started},
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
@@ -1193,9 +1268,13 @@ def make_trainer(cfg: Config, *, data: Path, out: Path, workers: int, gpu: bool,
     )
 
 
+_LOCAL_CLUSTERS: list[Any] = []  # the local cluster init_ray started (fvae.ray_local.LocalCluster), if any
+
+
 def init_ray(*, address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect to a cluster (``address``, or RAY_ADDRESS as ``ray job submit`` sets it), or start
-    a private local one with explicit CPUs and a bounded object store.
+    a private local one (``fvae.ray_local``: explicit CPUs, a bounded object store, retried when
+    the machine is slow, stopped when this process ends, however it ends).
 
     Ray Train's placement-group cleaner finds the State API by auto-detection, which fails when a
     machine runs two Ray instances; a trial that ASHA stops then keeps its resources and the search
@@ -1205,6 +1284,19 @@ def init_ray(*, address: str | None = None, num_cpus: int | None = None) -> None
 
     if ray.is_initialized():
         return
+    # Ray's core worker replaces this process's SIGTERM handler with its own (a stack dump, then
+    # death); the handler a command line set (fvae.ray_local.sigterm_as_sigint) is put back
+    sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        _connect(address=address, num_cpus=num_cpus)
+    finally:
+        if callable(sigterm):
+            signal.signal(signal.SIGTERM, sigterm)
+
+
+def _connect(*, address: str | None, num_cpus: int | None) -> None:
+    import ray
+
     api = os.environ.get("RAY_API_SERVER_ADDRESS")
     # Ray Train patches print() in its workers to tee into its logger, whose console handler then
     # prints every progress line a second time; fvae's lines are plain progress, so no patch.
@@ -1214,24 +1306,43 @@ def init_ray(*, address: str | None = None, num_cpus: int | None = None) -> None
             env_vars["RAY_API_SERVER_ADDRESS"] = api
         ray.init(address=address or os.environ["RAY_ADDRESS"], runtime_env={"env_vars": env_vars})
         return
-    import socket
+    import atexit
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 2, object_store_memory=256 * 1024 * 1024,
-             include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-             runtime_env={"env_vars": {**env_vars, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
+    import ray._raylet
+
+    from fvae import ray_local
+
+    for earlier in _LOCAL_CLUSTERS:  # a caller that shut Ray down and starts it again gets a fresh cluster
+        ray_local.stop(earlier)
+    _LOCAL_CLUSTERS.clear()
+    print("[fvae] starting a local Ray cluster", flush=True)
+    cluster = ray_local.start(num_cpus=num_cpus or os.cpu_count() or 2)
+    _LOCAL_CLUSTERS.append(cluster)
+    print(f"[fvae] local Ray cluster up: dashboard {cluster.dashboard}, logs in {cluster.temp_dir} "
+          "(both gone when this process ends)", flush=True)
+    os.environ[ray_local.AUTH] = ray_local.auth_mode()  # the driver must speak the cluster's mode...
+    ray._raylet.Config.initialize("")  # ...and Ray read RAY_AUTH_MODE when it was imported
+
+    def stop() -> None:
+        if cluster in _LOCAL_CLUSTERS:
+            ray.shutdown()
+            ray_local.stop(cluster)
+
+    atexit.register(stop)
+    ray.init(address=cluster.address,
+             runtime_env={"env_vars": {**env_vars, "RAY_API_SERVER_ADDRESS": cluster.dashboard}})
 
 
 def run_ray(cfg: Config, *, data: Path, out: Path, workers: int, gpu: bool, address: str | None = None,
-            resume: bool = False) -> None:
+            resume: bool = False, max_failures: int = 2) -> None:
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
+    (out / FAILED_FILE).unlink(missing_ok=True)  # an earlier run's failure: this run decides anew
     init_ray(address=address, num_cpus=max(workers + 1, os.cpu_count() or 1))
     trainer = make_trainer(cfg, data=data, out=out, workers=workers, gpu=gpu,
-                           storage_path=str(out / "ray"), name="train", resume=resume)
+                           storage_path=str(out / "ray"), name="train", resume=resume, max_failures=max_failures)
     trainer.fit()
+    raise_if_failed(out)
 
 
 if __name__ == "__main__":
