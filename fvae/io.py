@@ -4,12 +4,17 @@ Every file fvae writes goes through :func:`atomic_write`: the content is written
 to ``.NAME.tmp-PID`` beside the target, flushed to disk, then renamed over it, so
 a reader (or a run resumed after ``kill -9``) never sees half a file. A leftover
 ``.*.tmp-*`` is an interrupted write and is safe to delete.
+
+For tests of exactly that: with ``FVAE_STOP_BEFORE_RENAME=NAME`` in its environment, a process
+stops itself (SIGSTOP) once a file named NAME is written but not yet renamed into place, so that
+a test can kill it at that moment.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,6 +22,8 @@ import numpy as np
 
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_torch_save",
            "atomic_to_parquet", "atomic_to_pickle", "strict_json", "pyplot"]
+
+STOP_BEFORE_RENAME = "FVAE_STOP_BEFORE_RENAME"
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -28,6 +35,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        if os.environ.get(STOP_BEFORE_RENAME) == path.name:
+            os.kill(os.getpid(), signal.SIGSTOP)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

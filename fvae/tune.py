@@ -35,7 +35,9 @@ import json
 import math
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -43,9 +45,18 @@ from typing import Any
 from fvae import config as fconfig
 from fvae.data.shards import DataError, check_shards, read_meta
 from fvae.io import atomic_write_json, pyplot
+from fvae.ray_local import RayStartError, sigterm_as_sigint
 from fvae.space import SearchSpace, SpaceError, load_space
 from fvae.study import STUDY_FILE, storage_url
-from fvae.train import Config, NonFiniteLossError, init_ray, load_config, load_state
+from fvae.train import (
+    FAILED_FILE,
+    Config,
+    NonFiniteLossError,
+    init_ray,
+    load_config,
+    load_state,
+    raise_if_failed,
+)
 
 DRIVER_CPUS = 0.1  # a trial's driver only waits on its Train workers
 
@@ -75,6 +86,10 @@ def _trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
     trial_id = tune.get_context().get_trial_id()
     out = Path(setup["exp_dir"]) / "trials" / trial_id
     out.mkdir(parents=True, exist_ok=True)
+    # a failure recorded by an earlier attempt of this trial is final: Tune's retries are for a trial
+    # whose process died (a lost node, an OOM kill), not for what a retry would repeat or Ray Train
+    # has already retried
+    raise_if_failed(out)
     if in_trial(setup):
         _fit_in_trial(cfg, data=Path(setup["data"]), out=out, gpu=gpu, started=started)
     else:
@@ -90,11 +105,20 @@ def in_trial(setup: dict[str, Any]) -> bool:
 
 
 def _fit_in_trial(cfg: Config, *, data: Path, out: Path, gpu: bool, started: float) -> None:
-    """``fit`` in the Tune trial's process; a retried trial resumes from its last checkpoint."""
+    """``fit`` in the Tune trial's process; a retried trial (Tune restarts a failed one up to
+    ``max_failures`` times) resumes from its last checkpoint, ``tune.get_checkpoint()``."""
     import torch
     from ray import tune
 
-    from fvae.train import Dist, fit, hold_last_report, record_trial_time, scalar_metrics
+    from fvae.train import (
+        DETERMINISTIC,
+        Dist,
+        fit,
+        hold_last_report,
+        record_failure,
+        record_trial_time,
+        scalar_metrics,
+    )
 
     # the run folder's own last checkpoint is at least as new as the one Tune recorded (Tune's
     # experiment state can predate the trial's last epochs when the driver was killed)
@@ -106,6 +130,7 @@ def _fit_in_trial(cfg: Config, *, data: Path, out: Path, gpu: bool, started: flo
     elif ckpt is not None:
         with ckpt.as_directory() as path:
             resume = load_state(Path(path))
+        print(f"[fvae] resuming from the checkpoint after epoch {resume['epoch'] + 1}", flush=True)
 
     def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         c = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
@@ -114,24 +139,39 @@ def _fit_in_trial(cfg: Config, *, data: Path, out: Path, gpu: bool, started: flo
     # Ray shows the trial only its own GPU share, as device 0
     device = torch.device("cuda", 0) if gpu else torch.device("cpu")
     report, flush = hold_last_report(report, epochs=cfg.train.epochs)
-    fit(cfg, data=data, out=out, d=Dist(device=device), report=report, resume=resume, started=started)
+    try:
+        fit(cfg, data=data, out=out, d=Dist(device=device), report=report, resume=resume, started=started)
+    except DETERMINISTIC as e:  # the same checkpoint would fail the same way: recorded as final
+        record_failure(out, e)
+        raise
     record_trial_time(out, started=started)  # before the last report, after which Tune may stop the trial
     flush()
 
 
 def _fit_on_ray_train(cfg: Config, *, data: Path, out: Path, gpu: bool, setup: dict[str, Any], name: str,
                       started: float) -> None:
+    """A Ray Train run, which restarts a failed worker group up to ``max_failures`` times from its
+    last checkpoint; a trial Tune restarts continues from it too (same name and storage)."""
+    from ray.train import TrainingFailedError
+    from ray.train.v2.api.exceptions import WorkerGroupError
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from fvae.train import make_trainer
+    from fvae.train import make_trainer, record_failure
 
     resources = {"CPU": setup["cpus_per_worker"]}
     if gpu:
         resources["GPU"] = setup["gpus_per_worker"]
     trainer = make_trainer(cfg, data=data, out=out, workers=setup["workers"], gpu=gpu,
                            storage_path=str(Path(setup["exp_dir"]) / "train"), name=name,
-                           callbacks=[TuneReportCallback()], resources_per_worker=resources, started=started)
-    trainer.fit()
+                           callbacks=[TuneReportCallback()], resources_per_worker=resources, started=started,
+                           max_failures=setup["max_failures"])
+    try:
+        trainer.fit()
+    except TrainingFailedError as e:  # Ray Train's retries are spent: final for this trial too
+        failures = e.worker_failures if isinstance(e, WorkerGroupError) else {}
+        record_failure(out, failures[min(failures)] if failures else e)
+        raise
+    raise_if_failed(out)  # what the workers recorded as a failure a retry would repeat
 
 
 def fast_path(*, gpu: bool, workers: int) -> list[str]:
@@ -221,7 +261,8 @@ def plan_concurrency(*, cluster: dict[str, float], requested: int | None, worker
 
 def check_options(*, num_samples: int, workers: int, gpus_per_trial: float | None = None, cpus_per_worker: float = 1.0,
                   max_concurrent_trials: int | None = None, grace_period: int = 1,
-                  time_budget_s: float | None = None, num_cpus: int | None = None, out: Path | None = None) -> None:
+                  time_budget_s: float | None = None, num_cpus: int | None = None, out: Path | None = None,
+                  max_failures: int = 2) -> None:
     """The search's options, checked before Ray starts (or a synthetic market is written)."""
     if out is not None and out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a folder; expected an experiment directory")
@@ -242,6 +283,7 @@ def check_options(*, num_samples: int, workers: int, gpus_per_trial: float | Non
     need(time_budget_s is None or (math.isfinite(time_budget_s) and time_budget_s > 0), "--time-budget-s",
          "a number of seconds > 0", time_budget_s)
     need(num_cpus is None or num_cpus >= 1, "--num-cpus", "at least 1", num_cpus)
+    need(max_failures >= 0, "--max-failures", "a number of restarts >= 0", max_failures)
 
 
 def run_search(*, data: Path, space_path: Path, num_samples: int, exp_dir: Path, resume: bool = False,
@@ -249,8 +291,13 @@ def run_search(*, data: Path, space_path: Path, num_samples: int, exp_dir: Path,
                base_config: Path | None = None, grace_period: int = 1, reduction_factor: int = 2,
                max_concurrent_trials: int | None = None, time_budget_s: float | None = None,
                address: str | None = None, num_cpus: int | None = None, ray_train: bool = False,
-               fast_path: bool = True, packing_file: Path | None = None) -> dict[str, Any]:
+               fast_path: bool = True, packing_file: Path | None = None, max_failures: int = 2) -> dict[str, Any]:
     """Run (or resume) the search and write summary.json; returns the summary.
+
+    A trial whose process dies is restarted by Tune, and a Ray Train trial's failed worker group by
+    Ray Train, each up to ``max_failures`` times, from the trial's last checkpoint; a failure that a
+    retry would repeat (fvae.train.DETERMINISTIC) is not retried. A search stopped by SIGINT (or
+    SIGTERM through ``main``) raises :class:`SearchInterrupted` and writes no summary.
 
     ``gpus_per_trial`` None chooses the packing (:func:`default_gpus_per_trial`). ``ray_train``
     runs 1-worker trials on Ray Train too; ``fast_path`` gives GPU trials bf16 and CUDA graphs."""
@@ -286,6 +333,7 @@ def run_search(*, data: Path, space_path: Path, num_samples: int, exp_dir: Path,
     setup = {"space": str(Path(space_path).resolve()), "data": str(Path(data).resolve()),
              "exp_dir": str(exp_dir), "workers": workers, "cpus_per_worker": cpus_per_worker,
              "gpus_per_worker": gpus_per_worker, "ray_train": ray_train, "fast_path": fast_path,
+             "max_failures": max_failures,
              "base_config": str(Path(base_config).resolve()) if base_config else None}
     driver_cpus = 0.0 if in_trial(setup) else DRIVER_CPUS
     concurrent, warning = plan_concurrency(cluster=cluster, requested=max_concurrent_trials, workers=workers,
@@ -317,7 +365,8 @@ def run_search(*, data: Path, space_path: Path, num_samples: int, exp_dir: Path,
         for key, value in (("metric", space.metric), ("mode", space.mode), ("space", str(space.path))):
             study.set_user_attr(key, value)
         # ASHA takes metric and mode from the TuneConfig (Tune refuses them in both places)
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=base_cfg.train.epochs,
+        # epochs_done, not training_iteration, which restarts at 1 when a resumed search restarts a Ray Train trial
+        scheduler = ASHAScheduler(time_attr="epochs_done", max_t=base_cfg.train.epochs,
                                   grace_period=min(grace_period, base_cfg.train.epochs),
                                   reduction_factor=reduction_factor)
         tuner = tune.Tuner(
@@ -329,18 +378,83 @@ def run_search(*, data: Path, space_path: Path, num_samples: int, exp_dir: Path,
                                         # no new process, and torch, its optimiser and matplotlib stay imported
                                         reuse_actors=in_trial(setup)),
             run_config=tune.RunConfig(name="tune", storage_path=str(exp_dir),
-                                      failure_config=tune.FailureConfig(max_failures=0)),
+                                      failure_config=tune.FailureConfig(max_failures=max_failures)),
         )
         print(f"[fvae.tune] {num_samples} trials of space '{space.name}' on {data} "
               f"({meta.handler}, {meta.instruments} stocks); {concurrent} at a time, "
               f"{workers} worker(s) per trial ({'in the trial' if in_trial(setup) else 'on Ray Train'}"
               f"{', bf16 + CUDA graphs' if gpus_per_worker and fast_path else ''}); "
               f"TPE and ASHA on {space.metric} ({space.mode})", flush=True)
+    for leftover in exp_dir.glob(".*.tmp-*"):  # a summary write that a kill interrupted (fvae.io)
+        leftover.unlink()
     t0 = time.time()
-    results = tuner.fit()
+    results, interrupted = _fit(tuner)
+    unfinished = len(results) - results.num_terminated - results.num_errors
+    if interrupted or unfinished:
+        raise SearchInterrupted(f"{unfinished} of the {len(results)} trials started so far unfinished; the search's "
+                                f"state is in {tune_dir}: continue it with --resume")
     summary = summarize_search(results, space=space, exp_dir=exp_dir, data=data, base_config=base_config,
                                seconds=time.time() - t0)
     return summary
+
+
+def _fit(tuner: Any) -> tuple[Any, bool]:
+    """``tuner.fit()``, and whether SIGINT stopped it. Tune stops gracefully (it stops the trials and
+    saves its state) on SIGINT or SIGUSR1 but does not say which happened; so SIGINT is caught here
+    and passed on to Tune as SIGUSR1. A second SIGINT stops at once (KeyboardInterrupt)."""
+    if threading.current_thread() is not threading.main_thread():
+        return tuner.fit(), False  # signals reach the main thread only
+    count = 0
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        nonlocal count
+        count += 1
+        if count > 1:
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    previous, env = signal.signal(signal.SIGINT, on_sigint), os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # Tune would take SIGINT over; it always listens to SIGUSR1
+    try:
+        return tuner.fit(), count > 0
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if env is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER")
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = env
+
+
+class SearchInterrupted(Exception):
+    """The search stopped before its trials did (SIGINT); its state is saved for --resume."""
+
+
+def failure_reason(run_dir: Path, error: Any) -> str:
+    """Why a trial failed, in one line: what its run recorded (FAILED_FILE), else the last line of the
+    error Tune holds (a Ray task error's text ends with the original exception)."""
+    f = run_dir / FAILED_FILE
+    if f.is_file():
+        info = json.loads(f.read_text())
+        return f"{info['error']}: {info['message']}"
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    return lines[-1][:500] if lines else type(error).__name__
+
+
+def seen_epochs(run_dir: Path, df: Any) -> list[dict[str, Any]]:
+    """The epochs of a trial that Tune saw, as rows of the trial's own history (its checkpoint).
+
+    Tune's results cannot say this alone: a Ray Train trial that a resumed search restarts begins Tune's
+    count (training_iteration) again, and its earlier results may be missing; a trial ASHA
+    stopped may have trained one epoch more than Tune saw. ``epochs_done`` (reported with every
+    epoch) says how many epochs Tune saw (training_iteration in a search begun before it was);
+    the checkpoint holds each one's figures."""
+    count = "epochs_done" if df is not None and "epochs_done" in df else "training_iteration"
+    if df is None or count not in df or not df[count].notna().any():
+        return []
+    state = run_dir / "checkpoints" / "last" / "state.pt"
+    if not state.is_file():  # checkpoints precede reports: a run folder deleted since
+        return df.sort_values(count).drop_duplicates(count).to_dict("records")
+    return load_state(state)["history"][: int(df[count].max())]
 
 
 def best_epoch(values: Any, mode: str) -> float:
@@ -372,22 +486,18 @@ def summarize_search(results: Any, *, space: SearchSpace, exp_dir: Path, data: P
         match = re.match(r"_trial_([0-9a-f]+)_", Path(r.path).name) if r.path else None
         trial_id = match.group(1) if match else "?"
         params = {k: v for k, v in (r.config or {}).items() if "." in k}
-        df = r.metrics_dataframe
-        value, best_icir, epochs, bad_epochs = math.nan, math.nan, 0, 0
-        if df is not None and len(df):
-            value = best_epoch(df[metric], mode) if metric in df else math.nan
-            best_icir = best_epoch(df["valid_rank_icir"], "max") if "valid_rank_icir" in df else math.nan
-            epochs = int(df["training_iteration"].max()) if "training_iteration" in df else len(df)
-            if "bad_epochs" in df and df["bad_epochs"].notna().any():
-                bad_epochs = int(df["bad_epochs"].dropna().iloc[-1])
         tid = trial_id if match else (r.metrics or {}).get("trial_id", "?")
+        history = seen_epochs(exp_dir / "trials" / tid, r.metrics_dataframe)
+        value = best_epoch([h.get(metric) for h in history], mode)
+        best_icir = best_epoch([h.get("valid_rank_icir") for h in history], "max")
+        epochs, bad_epochs = len(history), (history[-1].get("bad_epochs", 0) if history else 0)
         status = "ERROR" if r.error else "TERMINATED"
         trial_cfg = resolve_trial_config(space, params, base=base_config).train
         ended = ("failed" if r.error else "completed" if epochs >= trial_cfg.epochs
                  else "patience" if trial_cfg.patience and bad_epochs >= trial_cfg.patience else "asha")
         trials.append({"trial_id": tid, "params": params, "value": value, "valid_rank_icir": best_icir,
                        "epochs": epochs, "ended": ended, "status": status,
-                       "error": (str(r.error).splitlines()[0][:500] if r.error else None),
+                       "error": failure_reason(exp_dir / "trials" / tid, r.error) if r.error else None,
                        "run_dir": str(exp_dir / "trials" / tid)})
     trials.sort(key=lambda t: t["trial_id"])
     summary: dict[str, Any] = {"space": space.name, "metric": metric, "mode": mode, "seconds": seconds,
@@ -488,6 +598,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget-s", type=float, default=None, help="stop the whole search after this long")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local one)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray cluster")
+    p.add_argument("--max-failures", type=int, default=2,
+                   help="times a trial is restarted from its last checkpoint after its process or a worker died")
     p.add_argument("--synthetic-stocks", type=int, default=200)
     p.add_argument("--synthetic-days", type=int, default=600)
     return p
@@ -495,11 +607,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    sigterm_as_sigint()  # Tune saves its state on SIGINT; the clean-up then stops a cluster this process started
     try:
         check_options(num_samples=args.num_samples, workers=args.workers_per_trial,
                       gpus_per_trial=args.gpus_per_trial, cpus_per_worker=args.cpus_per_worker,
                       max_concurrent_trials=args.max_concurrent, grace_period=args.grace_period,
-                      time_budget_s=args.time_budget_s, num_cpus=args.num_cpus, out=args.out)
+                      time_budget_s=args.time_budget_s, num_cpus=args.num_cpus, out=args.out,
+                      max_failures=args.max_failures)
         load_space(args.space, base=args.config)  # a bad space file fails before a market is generated
         data = args.data
         if data is None:
@@ -516,11 +630,19 @@ def main(argv: list[str] | None = None) -> int:
                    cpus_per_worker=args.cpus_per_worker, seed=args.seed, base_config=args.config,
                    grace_period=args.grace_period, max_concurrent_trials=args.max_concurrent,
                    time_budget_s=args.time_budget_s, address=args.address, num_cpus=args.num_cpus,
-                   ray_train=args.ray_train, fast_path=args.fast_path, packing_file=args.packing)
+                   ray_train=args.ray_train, fast_path=args.fast_path, packing_file=args.packing,
+                   max_failures=args.max_failures)
     except (SpaceError, fconfig.ConfigError, DataError, NonFiniteLossError, FileExistsError,
             FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RayStartError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (SearchInterrupted, KeyboardInterrupt) as e:
+        print(f"[fvae.tune] interrupted: {e or 'the trials finished so far are in ' + str(args.out / 'trials')}; "
+              "continue with --resume", file=sys.stderr, flush=True)
+        return 130
     return 0
 
 

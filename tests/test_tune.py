@@ -6,9 +6,11 @@ import hashlib
 import json
 import math
 import os
+import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -286,61 +288,96 @@ def test_ray_job_submit_against_a_local_cluster(tiny_market, tmp_path, ray_clust
     assert len(summary["trials"]) == 4 and summary["best"]["test"]["rank_ic"] is not None
 
 
-def test_resume_after_killing_the_driver(tiny_market, tmp_path, ray_cluster):
-    """kill -9 the search's driver mid-search; --resume keeps the trials that had finished."""
+def _trial_files(exp: Path) -> dict[str, dict[str, tuple[int, str]]]:
+    """Per trial that has finished all its epochs: (mtime, sha256) of its checkpoint and metrics.json."""
+    epochs = load_space(SMOKE).fixed["train.epochs"]
+    out = {}
+    for state in (exp / "trials").glob("*/checkpoints/last/state.pt") if (exp / "trials").is_dir() else []:
+        if load_state(state)["epoch"] + 1 != epochs:
+            continue
+        run = state.parents[2]
+        out[run.name] = {p.name: (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+                         for p in (state, run / "metrics.json") if p.is_file()}
+    return out
+
+
+def _checkpoints(exp: Path) -> set[tuple[str, int]]:
+    """Every (trial, checkpoint mtime) on disk now: one more means an epoch was trained."""
+    found = set()
+    for state in (exp / "trials").glob("*/checkpoints/last/state.pt") if (exp / "trials").is_dir() else []:
+        try:
+            found.add((state.parents[2].name, state.stat().st_mtime_ns))
+        except FileNotFoundError:
+            pass
+    return found
+
+
+def test_resume_after_killing_the_driver_again_and_again(tiny_market, tmp_path, ray_cluster):
+    """One search, its driver killed with kill -9 three times and resumed after each: twice at a
+    random moment after an epoch was trained, once while summary.json is being written (the driver
+    stops itself there: FVAE_STOP_BEFORE_RENAME). In the end every trial is in summary.json once,
+    and no trial that had finished before a kill was trained again: its checkpoint is the same
+    file (mtime and content) and its metrics.json says the same."""
+    import psutil
+
+    rng = random.Random(15)
     exp = tmp_path / "exp"
     cmd = [sys.executable, "-m", "fvae.tune", "--data", str(tiny_market), "--space", str(SMOKE),
-           "--num-samples", "5", "--out", str(exp), "--max-concurrent", "1",
-           "--address", ray_cluster["address"]]
-    log = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
-    deadline = time.time() + 400
-    try:
-        while time.time() < deadline:
-            done = sorted((exp / "trials").glob("*/checkpoints/last/state.pt")) if (exp / "trials").exists() else []
-            if len(done) >= 2 and proc.poll() is None:
-                break
-            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            time.sleep(1)
-        else:
-            pytest.fail("no trial finished within 400 s")
-        time.sleep(3)  # let Tune persist the finished trials' results
-    finally:
+           "--num-samples", "3", "--out", str(exp), "--max-concurrent", "1", "--address", ray_cluster["address"]]
+    finished: dict[str, dict[str, tuple[int, str]]] = {}  # as they were when first seen finished
+
+    def launch(n: int, **env: str) -> subprocess.Popen:
+        with open(tmp_path / f"run{n}.log", "w") as log:
+            return subprocess.Popen(cmd + (["--resume"] if n else []), stdout=log, stderr=subprocess.STDOUT,
+                                    env={**_env(), **env}, start_new_session=True)
+
+    def kill(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    state = json.loads(sorted((exp / "tune").glob("experiment_state-*.json"))[-1].read_text())
-    assert state
+        for tid, files in _trial_files(exp).items():
+            finished.setdefault(tid, files)
 
-    def files(tid: str) -> dict[str, tuple[float, str]]:
-        run = exp / "trials" / tid
-        paths = [run / "checkpoints" / "last" / "state.pt", run / "metrics.json"]
-        return {p.name: (p.stat().st_mtime, hashlib.sha256(p.read_bytes()).hexdigest()) for p in paths if p.exists()}
+    for n in range(2):  # at a random moment after the next epoch is trained
+        before, proc = _checkpoints(exp), launch(n)
+        deadline = time.time() + 300
+        while not _checkpoints(exp) - before:
+            assert proc.poll() is None, (tmp_path / f"run{n}.log").read_text()[-3000:]
+            assert time.time() < deadline, f"run {n}: no epoch trained within 300 s"
+            time.sleep(0.2)
+        time.sleep(rng.uniform(0, 4))
+        assert proc.poll() is None, "the search ended before its kill"
+        kill(proc)
+    proc = launch(2, FVAE_STOP_BEFORE_RENAME="summary.json")  # the last trials, then stop in the summary
+    deadline = time.time() + 400
+    while psutil.Process(proc.pid).status() != psutil.STATUS_STOPPED:
+        assert proc.poll() is None, (tmp_path / "run2.log").read_text()[-3000:]
+        assert time.time() < deadline, "the summary was not reached within 400 s"
+        time.sleep(0.2)
+    assert not (exp / "summary.json").exists() and (exp / f".summary.json.tmp-{proc.pid}").is_file()
+    kill(proc)
 
-    # the trials that had finished all their epochs before the kill, with their files as they were
-    epochs = load_space(SMOKE).fixed["train.epochs"]
-    finished = {p.parent.parent.parent.name for p in (exp / "trials").glob("*/checkpoints/last/state.pt")
-                if load_state(p)["epoch"] + 1 == epochs}
-    before = {tid: files(tid) for tid in finished}
-    assert before, "no trial had finished before the kill"
-
-    out = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=_env(), timeout=600)
+    out = subprocess.run(cmd + ["--resume"], check=False, capture_output=True, text=True, env=_env(), timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert not list(exp.glob(".summary.json.tmp-*"))  # the interrupted write was cleared away
     summary = json.loads((exp / "summary.json").read_text())
     ids = [t["trial_id"] for t in summary["trials"]]
-    assert len(ids) == 5 and len(set(ids)) == 5
-    # trials that had finished before the kill were not trained again: their checkpoint is the same
-    # file (mtime and content), and their metrics.json says the same (a trial Tune had not yet
-    # recorded as done may write it again on restore, from the same weights; the best trial's is
-    # rewritten by the summary with its test predictions)
-    for tid, was in before.items():
-        t = next(t for t in summary["trials"] if t["trial_id"] == tid)
-        assert t["status"] == "TERMINATED"
-        now = files(tid)
-        assert now["state.pt"] == was["state.pt"], tid
+    assert len(ids) == 3 and len(set(ids)) == 3, ids
+    assert all(t["status"] == "TERMINATED" for t in summary["trials"]), summary["trials"]
+    assert finished, "no trial had finished before a kill"
+    # a trial Tune had not yet recorded as done when it was killed may write its metrics.json again on
+    # restore, from the same weights; the best trial's is rewritten by the summary with its test predictions
+    # each trial's figures are those of its own history, whatever Tune's restarted counts said
+    for t in summary["trials"]:
+        history = load_state(Path(t["run_dir"]) / "checkpoints" / "last")["history"]
+        assert 1 <= t["epochs"] <= len(history), t
+        assert t["value"] == max(h["valid_rank_icir"] for h in history[: t["epochs"]]), t
+    now = _trial_files(exp)
+    for tid, was in finished.items():
+        assert tid in ids and now[tid]["state.pt"] == was["state.pt"], tid
         if "metrics.json" in was and tid != summary["best"]["trial_id"]:
-            assert now["metrics.json"][1] == was["metrics.json"][1], tid
-    # the same Optuna study went on: each of the 5 trials once, with its value; a trial asked
-    # after Tune's last checkpoint (so never run) is marked FAIL with a note, never counted twice
+            assert now[tid]["metrics.json"][1] == was["metrics.json"][1], tid
+    # the same Optuna study went on: each trial once, with its value; a trial asked after Tune's
+    # last checkpoint (so never run) is marked FAIL with a note, never counted twice
     from optuna.trial import TrialState
 
     from fvae.study import NOTE_ATTR
@@ -352,35 +389,172 @@ def test_resume_after_killing_the_driver(tiny_market, tmp_path, ray_cluster):
         assert live[0].value == pytest.approx(t["value"])
     orphans = [ot for tid, ots in by_id.items() for ot in ots if tid not in ids]
     # an orphan was asked after Tune's last experiment save (FAIL, with the note), or it ended
-    # within the last second before the kill, after that save (COMPLETE; Tune re-ran its config)
+    # within the last second before a kill, after that save (COMPLETE; Tune re-ran its config)
     assert all((ot.state == TrialState.FAIL and NOTE_ATTR in ot.user_attrs) or ot.state == TrialState.COMPLETE
                for ot in orphans)
 
 
+def _epoch_of(state: Path) -> int:
+    """The epoch of a checkpoint that may be replaced while it is read (-1 then)."""
+    try:
+        return load_state(state)["epoch"]
+    except (FileNotFoundError, EOFError, RuntimeError):
+        return -1
+
+
+def _watchdog_dir(driver_pid: int) -> Path | None:
+    """The temp dir of the local cluster that ``driver_pid`` started (its fvae.ray_local watchdog's)."""
+    import psutil
+
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if "fvae.ray_local" in cmd and "watch" in cmd and str(driver_pid) in cmd:
+            return Path(cmd[-1])
+    return None
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
+def test_a_stopped_search_leaves_no_ray_process(tiny_market, tmp_path, sig):
+    """``fvae.tune`` without --address starts its own cluster. Stopped once a trial has trained an
+    epoch, by kill -9 of its process group or by SIGTERM (handled as Ctrl-C), the driver leaves no
+    process of that cluster behind within 60 s (every one carries the cluster's temp dir in its
+    environment), and what it wrote stays readable: the trials' checkpoints and Tune's state."""
+    from ray import tune
+
+    from fvae.ray_local import processes
+
+    exp = tmp_path / "exp"
+    env = {k: v for k, v in _env().items() if k not in ("RAY_AUTH_MODE", "RAY_API_SERVER_ADDRESS")}
+    env["HOME"] = str(tmp_path)  # Ray's default token authentication keeps its token in ~/.ray
+    cmd = [sys.executable, "-m", "fvae.tune", "--data", str(tiny_market), "--space", str(SMOKE),
+           "--num-samples", "3", "--out", str(exp), "--num-cpus", "2"]
+    log = tmp_path / "tune.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    temp = None
+    try:
+        deadline = time.time() + 600
+        while not _checkpoints(exp):
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.time() < deadline, "no epoch trained within 600 s"
+            temp = temp or _watchdog_dir(proc.pid)
+            time.sleep(0.5)
+        assert temp is not None and processes(temp), "no cluster processes found"
+        if sig == signal.SIGKILL:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        else:
+            os.kill(proc.pid, signal.SIGTERM)
+            assert proc.wait(timeout=300) == 130, log.read_text()[-3000:]
+            assert "interrupted" in log.read_text() and not (exp / "summary.json").exists()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    deadline = time.time() + 60
+    while (processes(temp) or temp.exists()) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not processes(temp), [" ".join(p.cmdline())[:200] for p in processes(temp)]
+    assert not temp.exists()  # the watchdog deleted the cluster's temp dir too
+    assert tune.Tuner.can_restore(str(exp / "tune"))
+    for state in (exp / "trials").glob("*/checkpoints/last/state.pt"):
+        assert load_state(state)["epoch"] >= 0
+
+
+def _tune_epochs_done(exp: Path) -> int:
+    """The most epochs Tune's driver has taken in (with their checkpoints) for any trial: its result.json."""
+    done = 0
+    for f in (exp / "tune").glob("_trial_*/result.json"):
+        for line in f.read_text().splitlines():
+            try:
+                done = max(done, int(json.loads(line).get("epochs_done", 0)))
+            except ValueError:  # a line being written
+                pass
+    return done
+
+
+def test_a_trial_whose_process_is_killed_finishes_from_its_checkpoint(tiny_market, tmp_path, ray_cluster,
+                                                                     ray_session):
+    """SIGKILL a running trial's process (a 1-worker trial trains in it) once Tune holds a checkpoint
+    of it: Tune starts the trial again, which continues from its last checkpoint
+    (``tune.get_checkpoint()``); the trial completes every epoch, and the summary counts them all."""
+    from ray.util.state import list_actors
+
+    from fvae.tune import run_search
+
+    epochs = 6
+    space = tmp_path / "one.yaml"
+    space.write_text(
+        "metric: valid_rank_icir\nparams:\n  train.lr: {type: categorical, choices: [1.0e-3]}\n"
+        "fixed:\n  model.hidden_size: 8\n  model.attn_heads: 1\n  model.gat_layers: 0\n  model.num_factors: 2\n"
+        f"  model.num_portfolios: 4\n  train.epochs: {epochs}\n  train.patience: 0\n  data.batch_days: 16\n")
+    exp, job = tmp_path / "exp", ray_session.get_runtime_context().get_job_id()
+    killed: dict[str, int] = {}
+
+    def kill_the_trial() -> None:
+        deadline = time.time() + 400
+        while time.time() < deadline:
+            registered = _tune_epochs_done(exp) - 1
+            if registered >= 0:
+                pids = [a.pid for a in list_actors(address=ray_cluster["dashboard"], filters=[
+                    ("class_name", "=", "ImplicitFunc"), ("state", "=", "ALIVE"), ("job_id", "=", job)])]
+                killed["registered"] = registered
+                killed["on_disk"] = max(_epoch_of(s) for s in exp.glob("trials/*/checkpoints/last/state.pt"))
+                os.kill(pids[0], signal.SIGKILL)
+                return
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_the_trial, daemon=True)
+    killer.start()
+    summary = run_search(data=tiny_market, space_path=space, num_samples=1, exp_dir=exp, seed=0)
+    killer.join(timeout=5)
+    assert "on_disk" in killed and killed["on_disk"] < epochs - 1, killed
+    trial = summary["trials"][0]
+    assert (trial["status"], trial["epochs"], trial["ended"]) == ("TERMINATED", epochs, "completed"), trial
+    history = load_state(Path(trial["run_dir"]) / "checkpoints" / "last")["history"]
+    resumed = history[-1]["start_epoch"]
+    assert [h["epoch"] for h in history] == list(range(epochs))
+    # the restarted trial began after the last checkpoint Tune held: at least the one it held before
+    # the kill, at most the last one written
+    assert killed["registered"] + 1 <= resumed <= killed["on_disk"] + 1, (killed, resumed)
+    assert [h["start_epoch"] for h in history] == [0] * resumed + [resumed] * (epochs - resumed)
+
+
 def test_failed_trials_are_recorded_and_the_search_goes_on(tiny_market, tmp_path, ray_session):
-    """A trial whose loss blows up (lr 1e6, no clipping: most steps non-finite, so the loop raises)
-    is recorded as failed, with its error; the other trials finish and the best is chosen among them."""
+    """A trial whose training blows up (lr 1e30: after one step the weights are ~1e30 and every loss
+    and gradient norm is NaN, clipping or not; the loop skips those steps, then raises once more
+    than max_skipped_fraction of an epoch's steps were skipped) is recorded as failed, with its
+    reason; it is not trained again (the same checkpoint would fail the same way), the other
+    trials finish and the best is chosen among them."""
     from fvae.tune import run_search
 
     space = tmp_path / "explode.yaml"
     space.write_text(
         "metric: valid_rank_icir\n"
         "params:\n"
-        "  train.lr: {type: categorical, choices: [1.0e-3, 1.0e+6]}\n"
+        "  train.lr: {type: categorical, choices: [1.0e-3, 1.0e+30]}\n"
         "fixed:\n"
         "  model.hidden_size: 8\n  model.attn_heads: 1\n  model.gat_layers: 0\n  model.num_factors: 2\n  model.num_portfolios: 4\n"
-        "  train.epochs: 1\n  train.grad_clip: 0.0\n  data.batch_days: 16\n")
-    summary = run_search(data=tiny_market, space_path=space, num_samples=4, exp_dir=tmp_path / "exp", seed=0)
+        "  train.epochs: 1\n  data.batch_days: 16\n")
+    exp = tmp_path / "exp"
+    # max_failures=1, not the default 2: each of Tune's retries of a failed trial starts a trial actor
+    # that only raises the recorded failure, which is what this shows, once is enough
+    summary = run_search(data=tiny_market, space_path=space, num_samples=4, exp_dir=exp, seed=0, max_failures=1)
     status = {t["trial_id"]: (t["status"], t["params"]["train.lr"], t["error"]) for t in summary["trials"]}
     failed = [v for v in status.values() if v[0] == "ERROR"]
     ok = [v for v in status.values() if v[0] == "TERMINATED"]
     assert failed and ok, status
-    assert all(v[1] == 1e6 for v in failed) and all(v[1] == 1e-3 for v in ok)
-    assert all(v[2] for v in failed)  # the error text is kept
-    assert len(status) == 4 and all((tmp_path / "exp" / "trials" / tid).is_dir() for tid in status)
+    assert all(v[1] == 1e30 for v in failed) and all(v[1] == 1e-3 for v in ok)
+    for v in failed:  # the reason, in one line: the loop's own error
+        assert v[2].startswith("NonFiniteLossError: epoch 0: ") and "non-finite loss or gradient norm" in v[2], v
+        assert "\n" not in v[2]
+    assert len(status) == 4 and all((exp / "trials" / tid).is_dir() for tid in status)
+    # recorded by the trial: Tune's retries of it raise the recorded failure at once instead of training again
+    assert all((exp / "trials" / tid / "failed.json").is_file() == (v[0] == "ERROR") for tid, v in status.items())
     assert summary["best"]["params"]["train.lr"] == 1e-3
     from optuna.trial import TrialState
 
     study = _study_trials(tmp_path / "exp", summary)["by_id"]
     assert {tid: ts[0].state for tid, ts in study.items()} == {
         tid: TrialState.FAIL if v[0] == "ERROR" else TrialState.COMPLETE for tid, v in status.items()}
+    saved = json.loads((exp / "summary.json").read_text())
+    assert [t["error"] for t in saved["trials"]] == [t["error"] for t in summary["trials"]]
