@@ -12,10 +12,12 @@ and deletes the temp dir. Without it, ``kill -9`` of a driver that had started R
 ``ray.init()`` leaves the DashboardAgent and the RuntimeEnvAgent running for good.
 
 Start-up on a loaded machine: Ray waits a fixed 30 s for the raylet to register with the GCS
-(``ray/_private/node.py``), which a machine whose load is several times its core count can miss.
-``ray start`` runs here with that wait stretched to ``startup_timeout_s``; a start that still
-fails is retried on fresh ports, and then reported as one :class:`RayStartError` that says what
-to do. Ray itself is not imported here: the cluster is started by its command-line tool.
+(``ray/_private/node.py``), the raylet 10 s for its agents and ``ray start`` 60 s for the
+dashboard, which a machine whose load is several times its core count can miss. ``ray start``
+runs here with all three stretched to ``startup_timeout_s`` (the first by wrapping Ray's private
+``services.get_node``; without it, Ray's own 30 s apply); a start that still fails is retried on
+fresh ports, and then reported as one :class:`RayStartError` that says what to do. Ray itself is
+not imported here: the cluster is started by its command-line tool.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ AUTH = "RAY_AUTH_MODE"  # the cluster and its drivers must agree on it
 _RAY_START = """
 import sys, time
 import ray._private.services as services
-wait, get_node = float(sys.argv.pop(1)), services.get_node
+wait, get_node = float(sys.argv.pop(1)), getattr(services, "get_node", None)
 def patient_get_node(*args, **kwargs):
     deadline = time.monotonic() + wait
     while True:
@@ -51,7 +53,8 @@ def patient_get_node(*args, **kwargs):
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
-services.get_node = patient_get_node
+if get_node is not None:
+    services.get_node = patient_get_node
 # token authentication (Ray's default for a local cluster): a token is made once, in ~/.ray/auth_token
 from ray._private.authentication.authentication_token_setup import ensure_token_if_auth_enabled
 ensure_token_if_auth_enabled(None, create_token_if_missing=True)
@@ -107,12 +110,16 @@ def start(*, num_cpus: int, object_store_mb: int = 256, tries: int = 3, startup_
     for attempt in range(1, tries + 1):
         temp = Path(tempfile.mkdtemp(prefix="fvae-ray-", dir="/tmp"))  # short: socket paths have a length limit
         watchdog = _spawn_watchdog(owner or os.getpid(), temp)
-        gcs, dash, client = _free_port(), _free_port(), _free_port()
+        # fresh ports for all that Ray would otherwise take at a fixed default (GCS 6379, dashboard 8265,
+        # Ray Client 10001, the dashboard agent's HTTP 52365, where the job server submits jobs): a
+        # second cluster on the machine would find them taken
+        gcs, dash, client, agent = _free_port(), _free_port(), _free_port(), _free_port()
         t0 = time.monotonic()
         cmd = [sys.executable, "-c", _RAY_START, str(startup_timeout_s), "start", "--head", f"--port={gcs}",
                f"--num-cpus={num_cpus}", f"--object-store-memory={object_store_mb * 1024 * 1024}",
                "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-               f"--ray-client-server-port={client}", f"--temp-dir={temp}", "--disable-usage-stats"]
+               f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
+               f"--temp-dir={temp}", "--disable-usage-stats"]
         try:
             out = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=startup_timeout_s + 120,
                                  env=_start_env(temp, startup_timeout_s), start_new_session=True)
@@ -121,7 +128,7 @@ def start(*, num_cpus: int, object_store_mb: int = 256, tries: int = 3, startup_
                                     dashboard=f"http://127.0.0.1:{dash}", temp_dir=temp, watchdog=watchdog)
             lines = [ln for ln in out.stderr.strip().splitlines() if ln.strip()]
             errors.append(f"try {attempt}, after {time.monotonic() - t0:.0f} s: "
-                          f"{lines[-1] if lines else f'exit {out.returncode}'}")
+                          f"{lines[-1][:300] if lines else f'exit {out.returncode}'}")
         except subprocess.TimeoutExpired:
             errors.append(f"try {attempt}: no answer in {startup_timeout_s + 120:.0f} s")
         _stop(temp, watchdog)
@@ -191,7 +198,7 @@ def stop(cluster: LocalCluster) -> None:
     _stop(cluster.temp_dir, cluster.watchdog)
 
 
-def owner_alive(proc: Any) -> bool:
+def _owner_alive(proc: Any) -> bool:
     import psutil
 
     try:
@@ -208,7 +215,7 @@ def watch(owner: int, temp: Path, *, poll_s: float = 0.5) -> None:
         proc = psutil.Process(owner)  # is_running() compares its start time: a reused pid is not the owner
     except psutil.NoSuchProcess:
         proc = None
-    while proc is not None and owner_alive(proc):
+    while proc is not None and _owner_alive(proc):
         time.sleep(poll_s)
     kill(temp)
 

@@ -1161,6 +1161,20 @@ def raise_if_failed(out: Path) -> None:
         raise kind(f"{info['message']}" if kind is not RuntimeError else f"{info['error']}: {info['message']}")
 
 
+def latest_state(state: dict[str, Any] | None, out: Path) -> dict[str, Any] | None:
+    """The later of ``state`` (the checkpoint Ray holds) and the run folder's own last checkpoint.
+
+    Ray takes a report in a moment after the checkpoint was written (Ray Train's controller polls
+    every 2 s; a run's last report waits for its outputs: ``hold_last_report``), so after a kill
+    the run folder can hold an epoch Ray never heard of: continuing from it trains nothing twice.
+    The folder is the run's own: a search trial's, or one fvae.train only reuses with --resume."""
+    f = out / "checkpoints" / "last" / "state.pt"
+    if not f.is_file():
+        return state
+    own = load_state(f)
+    return own if state is None or own["epoch"] > state["epoch"] else state
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker: the same ``fit``, reporting each epoch through ray.train.report.
 
@@ -1178,8 +1192,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if ckpt is not None:
         with ckpt.as_directory() as path:
             resume = load_state(Path(path))
-    elif config.get("resume") and (out / "checkpoints" / "last" / "state.pt").is_file():
-        resume = load_state(out / "checkpoints" / "last")
+    resume = latest_state(resume, out)
     if resume is not None and ctx.get_world_rank() == 0:
         print(f"[fvae] resuming from the checkpoint after epoch {resume['epoch'] + 1}", flush=True)
 

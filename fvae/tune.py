@@ -115,6 +115,7 @@ def _fit_in_trial(cfg: Config, *, data: Path, out: Path, gpu: bool, started: flo
         Dist,
         fit,
         hold_last_report,
+        latest_state,
         record_failure,
         record_trial_time,
         scalar_metrics,
@@ -130,6 +131,8 @@ def _fit_in_trial(cfg: Config, *, data: Path, out: Path, gpu: bool, started: flo
     elif ckpt is not None:
         with ckpt.as_directory() as path:
             resume = load_state(Path(path))
+    resume = latest_state(resume, out)
+    if resume is not None:
         print(f"[fvae] resuming from the checkpoint after epoch {resume['epoch'] + 1}", flush=True)
 
     def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
