@@ -121,16 +121,14 @@ def _fit_in_trial(cfg: Config, *, data: Path, out: Path, gpu: bool, started: flo
         scalar_metrics,
     )
 
-    # the run folder's own last checkpoint is at least as new as the one Tune recorded (Tune's
-    # experiment state can predate the trial's last epochs when the driver was killed)
     resume = None
-    last = out / "checkpoints" / "last"
     ckpt = tune.get_checkpoint()
-    if (last / "state.pt").is_file() and ckpt is not None:
-        resume = load_state(last)
-    elif ckpt is not None:
+    if ckpt is not None:
         with ckpt.as_directory() as path:
             resume = load_state(Path(path))
+    # the run folder's own last checkpoint can be newer than the one Tune recorded (Tune's experiment
+    # state can predate the trial's last epochs when the driver was killed; the last report waits
+    # for the outputs): the later one
     resume = latest_state(resume, out)
     if resume is not None:
         print(f"[fvae] resuming from the checkpoint after epoch {resume['epoch'] + 1}", flush=True)

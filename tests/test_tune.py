@@ -267,8 +267,6 @@ def _env() -> dict[str, str]:
     return env
 
 
-@pytest.mark.xfail(strict=False, reason="issue 15: on the shared test cluster the head's job agent is "
-                   "sometimes gone by this test ('No available agent to submit job'); a fresh head takes jobs")
 def test_ray_job_submit_against_a_local_cluster(tiny_market, tmp_path, ray_cluster):
     """`ray job submit -- python -m fvae.tune ...` against the `ray start --head` cluster."""
     exp = tmp_path / "exp"
