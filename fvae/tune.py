@@ -126,20 +126,30 @@ def _fit_in_trial(cfg: Config, *, data: Path, out: Path, gpu: bool, started: flo
     if ckpt is not None:
         with ckpt.as_directory() as path:
             resume = load_state(Path(path))
+    told = resume["epoch"] if resume is not None else -1  # the last epoch Tune has heard of
     # the run folder's own last checkpoint can be newer than the one Tune recorded (Tune's experiment
     # state can predate the trial's last epochs when the driver was killed; the last report waits
     # for the outputs): the later one
     resume = latest_state(resume, out)
     if resume is not None:
         print(f"[fvae] resuming from the checkpoint after epoch {resume['epoch'] + 1}", flush=True)
+    reported: set[int] = set()
 
     def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        if metrics.get("epoch") in reported:  # fit reports a finished run's last epoch again: replayed below
+            return
+        reported.add(metrics.get("epoch"))
         c = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
         tune.report(scalar_metrics(metrics), checkpoint=c)
 
     # Ray shows the trial only its own GPU share, as device 0
     device = torch.device("cuda", 0) if gpu else torch.device("cpu")
     report, flush = hold_last_report(report, epochs=cfg.train.epochs)
+    # epochs trained after the checkpoint Tune holds, whose reports a kill cut off: Tune, the scheduler
+    # and the study hear of them now, the last with its checkpoint, as if they had arrived in time
+    missed = [h for h in (resume or {}).get("history", []) if h["epoch"] > told]
+    for h in missed:
+        report(h, out / "checkpoints" / "last" if h is missed[-1] else None)
     try:
         fit(cfg, data=data, out=out, d=Dist(device=device), report=report, resume=resume, started=started)
     except DETERMINISTIC as e:  # the same checkpoint would fail the same way: recorded as final
