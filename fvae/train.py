@@ -800,6 +800,7 @@ def write_run_outputs(model: FactorVAE, cfg: Config, meta: Meta, *, data: Path, 
     # a synthetic market's planted β, read with the validation panel for factor_recovery
     truth = tuple(f"beta_true_{k}" for k in range(int(meta.extra["generator"]["factors"]))) \
         if (data / TRUTH_FILE).is_file() else ()
+    cal = None  # the risk model's calibration, fit on the validation segment
     for seg in ("valid", "test"):
         if seg not in meta.segments:
             continue

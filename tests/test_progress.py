@@ -41,18 +41,19 @@ def test_training_shows_steps_loss_and_speed_on_a_terminal(tiny_market, tmp_path
     for epoch in (1, 2):
         assert f"[fvae] epoch {epoch}/2:" in drawn
     assert "loss=" in drawn and ("step/s" in drawn or "s/step" in drawn)
-    assert capsys.readouterr().out.count("\n") == 4  # stdout: the same lines as without a terminal
+    assert capsys.readouterr().out.count("\n") == 5  # stdout: the same lines as without a terminal
 
 
 def test_training_output_under_pytest_is_its_lines_only(tiny_market, tmp_path, capfd):
-    """Not a terminal (pytest captures stderr): one line to announce, one per epoch, one at the end;
-    nothing on stderr from the bars."""
+    """Not a terminal (pytest captures stderr): one line to announce, one per epoch, one for the risk
+    model's calibration, one at the end; nothing on stderr from the bars."""
     run_standalone(load_config(None, DEBUG_PRESET), data=tiny_market, out=tmp_path / "run")
     out, err = capfd.readouterr()
     lines = out.splitlines()
-    assert len(lines) == 4, lines
+    assert len(lines) == 5, lines
     assert lines[0].startswith("[fvae] train ") and lines[1].startswith("[fvae] epoch 1/2 loss")
-    assert lines[2].startswith("[fvae] epoch 2/2 loss") and lines[3].startswith("[fvae] valid RankIC")
+    assert lines[2].startswith("[fvae] epoch 2/2 loss") and lines[3].startswith("[fvae] risk calibration on valid")
+    assert lines[4].startswith("[fvae] valid RankIC")
     assert "step" not in err and "%|" not in err
 
 
