@@ -5,23 +5,25 @@
 #
 #   OUT=gpu-out bash scripts/gpu_run.sh setup|tests|packing|search|all
 #
-# On the offline GPU machine, from a checkout that carries .whl/ (../shared/offline-gpu/wheels plus
+# On an offline GPU machine, from a checkout that carries .whl/ (a wheel set of Ray and Optuna plus its
 # validate.py): each stage fits in one 10-minute command; run `setup tests packing` in one call and
 # `search` in the next. FVAE_CPU_DRY_RUN=1 runs every stage on the CPU, tiny, to check the script.
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 export RAY_AUTH_MODE=disabled PYTHONUNBUFFERED=1
+SCRATCH=${FVAE_SCRATCH:-${TMPDIR:-/tmp}}  # where the wheels are installed and the synthetic panel is written
+SITE=$SCRATCH/fvae-site
 if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
     || { echo "gpu_run: installing .whl/ failed"; exit 1; }
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-} PATH=/tmp/site/bin:$PATH
+  export PYTHONPATH=$SITE:${PYTHONPATH:-} PATH=$SITE/bin:$PATH
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 PY=${PY:-python3}
 DRY=${FVAE_CPU_DRY_RUN:-0}
 if [ "$DRY" = 1 ]; then STOCKS=60; DAYS=300; SAMPLES=2; SEARCH=2; BUDGET=240; else STOCKS=500; DAYS=2500; SAMPLES=8; SEARCH=30; BUDGET=420; fi
-DATA=/tmp/fvae-gpu-data-$STOCKS-$DAYS
+DATA=$SCRATCH/fvae-gpu-data-$STOCKS-$DAYS
 
 stage_setup() {
   { date; nvidia-smi || echo "no nvidia-smi"; $PY -c "import torch, ray, optuna; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '-'); print('ray', ray.__version__, 'optuna', optuna.__version__)"; } 2>&1 | tee "$OUT/device.txt"
