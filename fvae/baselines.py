@@ -454,16 +454,11 @@ def factor_model_figures(metrics_file: Path) -> dict[str, Any]:
 
 def aggregate_factor_figures(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean and sample std over the seeds of ``factor_model_figures`` (bias statistics per segment and portfolio)."""
-    def cell(v: list[float]) -> dict[str, Any]:
-        a = np.array(v, dtype=np.float64)
-        fin = a[np.isfinite(a)]
-        return {"mean": float(fin.mean()) if len(fin) else None,
-                "std": float(fin.std(ddof=1)) if len(fin) > 1 else None}
     figs = [r["factor_model"] for r in results]
-    out: dict[str, Any] = {k: cell([f[k] for f in figs]) for k in FACTOR_FIGURES}
+    out: dict[str, Any] = {k: mean_std([f[k] for f in figs]) for k in FACTOR_FIGURES}
     for kind in ("risk", "risk_calibrated"):
         if all(kind in f for f in figs):
-            out[kind] = {seg: {p: cell([f[kind][seg][p] for f in figs]) for p in figs[0][kind][seg] if p != "days"}
+            out[kind] = {seg: {p: mean_std([f[kind][seg][p] for f in figs]) for p in figs[0][kind][seg] if p != "days"}
                          for seg in figs[0][kind]}
     return out
 
@@ -519,14 +514,16 @@ def aggregate(results: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, An
     for seg in ("valid", "test", "holdout"):
         if not results or seg not in results[0]:
             continue
-        out[seg] = {}
-        for m in METRICS:
-            v = np.array([r[seg][m] for r in results], dtype=np.float64)
-            fin = v[np.isfinite(v)]
-            out[seg][m] = {"mean": float(fin.mean()) if len(fin) else None,
-                           "std": float(fin.std(ddof=1)) if len(fin) > 1 else None,
-                           "values": [float(x) if math.isfinite(x) else None for x in v]}
+        out[seg] = {m: mean_std([r[seg][m] for r in results]) for m in METRICS}
     return out
+
+
+def mean_std(values: list[float]) -> dict[str, Any]:
+    """Mean and sample std (ddof = 1; None for one value) of the finite values, and the values (NaN: None)."""
+    v = np.array(values, dtype=np.float64)
+    fin = v[np.isfinite(v)]
+    return {"mean": float(fin.mean()) if len(fin) else None, "std": float(fin.std(ddof=1)) if len(fin) > 1 else None,
+            "values": [float(x) if math.isfinite(x) else None for x in v]}
 
 
 def _pm(cell: dict[str, Any]) -> str:
