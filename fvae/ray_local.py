@@ -87,12 +87,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# Liveness on a loaded machine: the GCS marks a node dead after 5 missed health checks of 10 s each
+# (3 s apart), and the node's raylet then exits, and with it every driver connected to it ("the local
+# Raylet is dead", a SystemExit in the driver's next ray.wait). On a single machine a raylet that
+# does not answer is starved, not gone, so it gets several minutes; a cluster whose owner is gone
+# is still stopped at once by the watchdog.
+_LIVENESS = {"RAY_health_check_timeout_ms": "30000", "RAY_health_check_failure_threshold": "12",
+             "RAY_gcs_rpc_server_reconnect_timeout_s": "300"}
+
+
 def _start_env(temp: Path, wait_s: float) -> dict[str, str]:
     """The environment of ``ray start``, which every process of the cluster inherits: the marker, the
-    authentication mode, and Ray's start-up waits stretched to ``wait_s`` (the raylet's wait for its
-    agents' ports, 10 s by default; the wait for the dashboard, 60 s)."""
-    return {**os.environ, MARKER: str(temp), AUTH: auth_mode(), "RAY_raylet_start_wait_time_s": str(int(wait_s)),
-            "RAY_DASHBOARD_STARTUP_TIMEOUT_S": str(int(wait_s))}
+    authentication mode, Ray's start-up waits stretched to ``wait_s`` (the raylet's wait for its
+    agents' ports, 10 s by default; the wait for the dashboard, 60 s) and its liveness checks
+    stretched (``_LIVENESS``); a setting already in the environment is kept."""
+    return {**_LIVENESS, **os.environ, MARKER: str(temp), AUTH: auth_mode(),
+            "RAY_raylet_start_wait_time_s": str(int(wait_s)), "RAY_DASHBOARD_STARTUP_TIMEOUT_S": str(int(wait_s))}
 
 
 def _spawn_watchdog(owner: int, temp: Path) -> subprocess.Popen:

@@ -32,3 +32,19 @@ def test_a_start_that_fails_is_retried_then_said_in_one_line(monkeypatch):
     assert "\n" not in msg and "try 1" in msg and "try 2" in msg and "--address HOST:PORT" in msg, msg
     assert len(watchdogs) == 2 and all(w.poll() is not None for w in watchdogs)
     assert not [w.args[-1] for w in watchdogs if Path(w.args[-1]).exists()]  # each try's temp dir is gone
+
+
+def test_the_cluster_outlasts_a_starved_raylet(ray_cluster, monkeypatch):
+    """Every process of a started cluster (its GCS included, which runs the health checks) has Ray's
+    liveness checks stretched: the GCS marks a raylet dead only after minutes without an answer,
+    not Ray's ~1 min, which a loaded machine can exceed (the raylet then exits and takes the
+    connected drivers with it). A setting the user has made is kept."""
+    gcs = [p for p in ray_local.processes(Path(ray_cluster["temp"])) if "gcs_server" in p.name()]
+    assert gcs, "no GCS process found for the test cluster"
+    env = gcs[0].environ()
+    for key, value in ray_local._LIVENESS.items():
+        assert env.get(key) == value, (key, env.get(key))
+    # Ray's defaults: 10 s per check, 5 misses; stretched to at least 5 minutes in all
+    assert int(env["RAY_health_check_timeout_ms"]) * int(env["RAY_health_check_failure_threshold"]) >= 300_000
+    monkeypatch.setenv("RAY_health_check_failure_threshold", "99")
+    assert ray_local._start_env(Path("/tmp/x"), 60)["RAY_health_check_failure_threshold"] == "99"
