@@ -5,8 +5,8 @@
 ``start`` runs ``ray start --head`` in a session of its own, on fresh ports and a fresh temp dir.
 Every process of that cluster (GCS, raylet, dashboard and its modules, the agents, the workers,
 whose command lines Ray rewrites to ``ray::IDLE``) inherits ``FVAE_RAY_CLUSTER=<temp dir>`` in its
-environment, which is how ``processes`` finds them all, also the agents and workers that outlive
-a killed raylet. A watchdog in a session of its own polls the owner; once the owner is gone (it
+environment, which is how ``processes`` finds them, with their descendants (Ray's renamed agents
+may no longer show the marker), also the agents and workers that outlive a killed raylet. A watchdog in a session of its own polls the owner; once the owner is gone (it
 exited, crashed or was killed with ``kill -9``) the watchdog stops every process of the cluster
 and deletes the temp dir. Without it, ``kill -9`` of a driver that had started Ray with
 ``ray.init()`` leaves the DashboardAgent and the RuntimeEnvAgent running for good.
@@ -158,23 +158,38 @@ def _gcs_address(output: str, port: int) -> str:
 
 
 def processes(temp: Path) -> list[Any]:
-    """Every live process of the cluster whose temp dir is ``temp`` (psutil.Process objects)."""
+    """Every live process of the cluster whose temp dir is ``temp`` (psutil.Process objects): those
+    whose environment carries the marker, and all their descendants. The descendants are needed
+    because Ray renames its agents and dashboard modules (``ray::DashboardAgent``) with
+    setproctitle, which can overwrite the environment block that /proc/PID/environ reads."""
     import psutil
 
     tag = str(temp)
-    found = []
+    found: dict[int, Any] = {}
     for p in psutil.process_iter():
         try:
-            if p.environ().get(MARKER) == tag and p.status() != psutil.STATUS_ZOMBIE:
-                found.append(p)
+            if p.environ().get(MARKER) == tag:
+                found[p.pid] = p
+                found.update((c.pid, c) for c in p.children(recursive=True))
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             pass
-    return found
+    return [p for p in found.values() if _alive(p)]
 
 
-def kill(temp: Path, *, grace_s: float = 2.0, timeout_s: float = 30.0) -> None:
+def _alive(p: Any) -> bool:
+    import psutil
+
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def kill(temp: Path, *, grace_s: float = 2.0, timeout_s: float = 30.0, calm_s: float = 1.0) -> None:
     """SIGTERM every process of the cluster, SIGKILL what is left after ``grace_s``, until none is
-    found twice in a row (a raylet may start a worker meanwhile); then delete the temp dir."""
+    found for ``calm_s`` (a raylet may start a worker or an agent meanwhile); then delete the temp
+    dir. A process seen once stays on the list: an agent orphaned by its raylet is no longer a
+    descendant of a marked process, and its own marker may be unreadable (``processes``)."""
     import psutil
 
     def signal_all(found: list[Any], sig: int) -> None:
@@ -184,14 +199,18 @@ def kill(temp: Path, *, grace_s: float = 2.0, timeout_s: float = 30.0) -> None:
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass
 
-    found = processes(temp)
-    signal_all(found, signal.SIGTERM)
-    psutil.wait_procs(found, timeout=grace_s)
-    deadline, calm = time.monotonic() + timeout_s, 0
-    while calm < 2 and time.monotonic() < deadline:
-        found = processes(temp)
+    seen = {p.pid: p for p in processes(temp)}
+    signal_all(list(seen.values()), signal.SIGTERM)
+    psutil.wait_procs(list(seen.values()), timeout=grace_s)
+    deadline, calm_since = time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline:
+        seen.update((p.pid, p) for p in processes(temp))
+        found = [p for p in seen.values() if _alive(p)]
         signal_all(found, signal.SIGKILL)
-        calm = 0 if found else calm + 1
+        now = time.monotonic()
+        calm_since = None if found else (calm_since or now)
+        if calm_since is not None and now - calm_since >= calm_s:
+            break
         time.sleep(0.2)
     shutil.rmtree(temp, ignore_errors=True)
 
@@ -208,15 +227,6 @@ def stop(cluster: LocalCluster) -> None:
     _stop(cluster.temp_dir, cluster.watchdog)
 
 
-def _owner_alive(proc: Any) -> bool:
-    import psutil
-
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
 def watch(owner: int, temp: Path, *, poll_s: float = 0.5) -> None:
     """Wait for ``owner`` to be gone, then stop the cluster of ``temp``."""
     import psutil
@@ -225,7 +235,7 @@ def watch(owner: int, temp: Path, *, poll_s: float = 0.5) -> None:
         proc = psutil.Process(owner)  # is_running() compares its start time: a reused pid is not the owner
     except psutil.NoSuchProcess:
         proc = None
-    while proc is not None and _owner_alive(proc):
+    while proc is not None and _alive(proc):
         time.sleep(poll_s)
     kill(temp)
 

@@ -48,3 +48,30 @@ def test_the_cluster_outlasts_a_starved_raylet(ray_cluster, monkeypatch):
     assert int(env["RAY_health_check_timeout_ms"]) * int(env["RAY_health_check_failure_threshold"]) >= 300_000
     monkeypatch.setenv("RAY_health_check_failure_threshold", "99")
     assert ray_local._start_env(Path("/tmp/x"), 60)["RAY_health_check_failure_threshold"] == "99"
+
+
+def test_stop_leaves_no_process_of_the_cluster():
+    """``stop`` ends every process of a cluster, also Ray's agents, whose renamed command line
+    (``ray::DashboardAgent``) can hide the marker in their environment: they are found as the
+    raylet's descendants, and stay on the list once their raylet is gone."""
+    import time
+
+    import psutil
+
+    cluster = ray_local.start(num_cpus=1, object_store_mb=100)
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # the raylet starts its agents after `ray start` has returned
+            names = {p.pid: p.name() for p in ray_local.processes(cluster.temp_dir)}
+            agents = [pid for pid, n in names.items() if "Agent" in n]
+            if len(agents) >= 2 or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert len(agents) >= 2, names  # the DashboardAgent and the RuntimeEnvAgent
+        seen = [psutil.Process(pid) for pid in names]
+    finally:
+        ray_local.stop(cluster)
+    time.sleep(1)
+    left = [(p.pid, names[p.pid]) for p in seen if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not left, left
+    assert not cluster.temp_dir.exists()
