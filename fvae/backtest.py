@@ -8,9 +8,11 @@
 PREDICTIONS is a ``pred_*.parquet`` written by ``fvae.train``, a run directory (then its
 ``pred_test.parquet``) or a search directory of ``fvae.tune`` (then its best trial's). Mean-variance also needs the matching ``factors_*.parquet`` next to it.
 
-Risk model of mean-variance (``--risk``): ``calibrated`` is Σ_c = c_z β diag(σ_z²) βᵀ + c_α diag(σ_α²)
-with the scalars of ``risk_calibration`` in the run's metrics.json (next to the predictions; fit on
-the validation segment, ``fvae.risk.calibrate_risk``), ``raw`` the model's own σ's as written in the
+Risk model of mean-variance (``--risk``): ``calibrated`` is
+Σ_c = β diag(c_z σ_z²) βᵀ + L diag(λ) Lᵀ + c_α diag(σ_α²) with the scalars of ``risk_calibration`` in
+the run's metrics.json (next to the predictions; fit on the validation segment,
+``fvae.risk.calibrate_risk``) and the residual factors L (``resid_beta_p``) and √λ
+(``resid_sigma_p``) of the prediction files, when the calibration has them; ``raw`` the model's own σ's as written in the
 prediction files, ``auto`` (the default) calibrated when the run has a calibration, else raw with a
 note. backtest.json's ``risk_model`` records which Σ the books were built on.
 
@@ -112,6 +114,8 @@ class Market:
     beta: np.ndarray | None = None  # (D, N, K) factor exposures
     sigma_alpha: np.ndarray | None = None  # (D, N)
     sigma_z: np.ndarray | None = None  # (D, K) prior factor std from factors_*.parquet
+    resid_beta: np.ndarray | None = None  # (D, N, P) residual factors' loadings (resid_beta_p), when written
+    resid_sigma: np.ndarray | None = None  # (D, P) their std (resid_sigma_p)
     source: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -230,6 +234,14 @@ def load_market(pred: str | Path, *, data: str | Path | None = None, need_risk: 
             raise DataError(f"{fpath}: no factor row for {int(fz.isna().any(axis=1).sum())} prediction date(s)")
         market.beta, market.sigma_alpha, market.sigma_z = beta, sa, fz.to_numpy(np.float64)
         source["factors"] = str(fpath)
+        resid = sorted((c for c in df.columns if c.startswith("resid_beta_")), key=lambda c: int(c.rsplit("_", 1)[1]))
+        rs_cols = [f"resid_sigma_{p}" for p in range(len(resid))]
+        fz_all = pd.read_parquet(fpath)
+        if resid and all(c in fz_all.columns for c in rs_cols):
+            market.resid_beta = np.zeros((D, N, len(resid)))
+            market.resid_beta[di, si] = df[resid].to_numpy(np.float64)
+            rz = fz_all.set_index(pd.to_datetime(fz_all["datetime"]))[rs_cols].reindex(dates)
+            market.resid_sigma = rz.fillna(0.0).to_numpy(np.float64)
     elif need_risk:
         why = (f"{fpath} not found" if not fpath.is_file() else
                f"{pred_path} lacks beta_k/sigma_alpha columns")
@@ -249,8 +261,12 @@ def read_calibration(pred_path: Path) -> tuple[dict[str, Any] | None, str]:
         raise DataError(f"{path}: not a valid metrics.json ({e})") from None
     if cal is None:
         return None, f"{path} has no risk_calibration"
-    ok = isinstance(cal, dict) and all(isinstance(cal.get(k), (int, float)) and math.isfinite(cal[k]) and cal[k] > 0
-                                       for k in ("c_z", "c_alpha"))
+    def positive(v: Any) -> bool:
+        return isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+
+    ok = isinstance(cal, dict) and positive(cal.get("c_alpha")) and (
+        positive(cal.get("c_z")) or (isinstance(cal.get("c_z"), list) and bool(cal["c_z"])
+                                     and all(positive(v) for v in cal["c_z"])))
     if not ok:
         raise DataError(f"{path}: risk_calibration: expected positive finite c_z and c_alpha, got {cal!r}")
     return cal, str(path)
@@ -265,11 +281,23 @@ def use_risk_model(market: Market, mode: str) -> dict[str, Any]:
         if mode == "calibrated":
             raise DataError(f"--risk calibrated: {where} (pass --risk raw for the model's own Σ)")
         return {"sigma": "raw", "note": f"no calibration: {where}"}
-    assert market.sigma_z is not None and market.sigma_alpha is not None
-    market.sigma_z, market.sigma_alpha = apply_calibration(sigma_z=market.sigma_z, sigma_alpha=market.sigma_alpha,
-                                                           c_z=float(cal["c_z"]), c_alpha=float(cal["c_alpha"]))
-    return {"sigma": "calibrated", "c_z": float(cal["c_z"]), "c_alpha": float(cal["c_alpha"]),
-            "fit_segment": cal.get("fit_segment"), "from": where}
+    assert market.sigma_z is not None and market.sigma_alpha is not None and market.beta is not None
+    try:
+        market.sigma_z, market.sigma_alpha = apply_calibration(sigma_z=market.sigma_z, sigma_alpha=market.sigma_alpha,
+                                                               c_z=cal["c_z"], c_alpha=float(cal["c_alpha"]))
+    except ValueError as e:
+        raise DataError(f"{where}: {e}") from None
+    out = {"sigma": "calibrated", "c_z": cal["c_z"], "c_alpha": float(cal["c_alpha"]),
+           "fit_segment": cal.get("fit_segment"), "from": where}
+    P = int(cal.get("residual_factors") or 0)
+    if P:  # the residual factors are factors of Σ_c: appended to β and σ_z
+        if market.resid_beta is None or market.resid_sigma is None or market.resid_beta.shape[-1] != P:
+            raise DataError(f"{where}: risk_calibration has {P} residual factors, but {market.source['predictions']} "
+                            f"and its factors file do not hold resid_beta_0..{P - 1} and resid_sigma_0..{P - 1}")
+        market.beta = np.concatenate([market.beta, market.resid_beta], -1)
+        market.sigma_z = np.concatenate([market.sigma_z, market.resid_sigma], -1)
+        out["residual_factors"] = P
+    return out
 
 
 def _check_overlap(market: Market, df: pd.DataFrame, rows: pd.DataFrame, *, pred_path: Path, returns: str) -> None:

@@ -188,7 +188,7 @@ class FactorVAE(Model):
         return Meta(source=f"qlib-dataset:{type(handler).__name__}", handler=type(handler).__name__,
                     market=market if isinstance(market, str) else "custom", layout=raw.layout,  # type: ignore[arg-type]
                     lookback=raw.lookback, channels=raw.channels, feature_names=raw.feature_names,
-                    label_expr="the handler's label", segments=segments, norm=norm,
+                    label_expr=_label_expr(handler), segments=segments, norm=norm,
                     extra={"processing": self.processing})
 
     def _history_start(self, start: pd.Timestamp) -> pd.Timestamp:
@@ -210,3 +210,12 @@ def _bounds(dataset: DatasetH, segment: str | slice) -> tuple[pd.Timestamp, pd.T
         raise DataError(f"FactorVAE.predict: segment {segment!r} is not one of {list(dataset.segments)}")
     return pd.Timestamp(a), pd.Timestamp(b)
 
+
+def _label_expr(handler: Any) -> str:
+    """The handler's label expression (Alpha158/Alpha360: ``get_label_config``), which says when a
+    day's label is realised; "the handler's label" when the handler does not tell."""
+    try:
+        fields = handler.get_label_config()[0]
+        return " ; ".join(str(f) for f in fields) if fields else "the handler's label"
+    except (AttributeError, TypeError, IndexError):
+        return "the handler's label"

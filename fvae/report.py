@@ -95,6 +95,14 @@ def _sig(v: Any) -> str:
     return f"{v:.3g}" if isinstance(v, (int, float)) and math.isfinite(v) else "–"
 
 
+def _scalars(v: Any) -> str:
+    """A calibration's c_z: one scalar, or one per factor (shown as their range)."""
+    if isinstance(v, list) and v:
+        lo, hi = min(v), max(v)
+        return f"{_sig(lo)} … {_sig(hi)} ({len(v)} factors)"
+    return _sig(v)
+
+
 def _pct(v: Any) -> str:
     return "–" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{100 * v:.2f}%"
 
@@ -346,9 +354,13 @@ def _calibrated_risk(metrics: dict[str, Any]) -> str:
     if not isinstance(cal, dict) or not isinstance(risk, dict):
         return _na("metrics.json has no risk calibration (\"risk_calibration\"): the run predates it")
     fit = _esc(str(cal.get("fit_segment", "valid")))
-    out = ('<h3>Calibrated risk model</h3><p>Σ_c = c_z · β diag(σ_z²) βᵀ + c_α · diag(σ_α²), the two scalars '
+    P = int(cal.get("residual_factors") or 0)
+    resid = (f' + L diag(λ) Lᵀ, with {P} residual factors (the principal components of the learnt model\'s '
+             f'residuals over the {_fmt(cal.get("residual_window"))} days before each day whose labels were realised)'
+             if P else "")
+    out = (f'<h3>Calibrated risk model</h3><p>Σ_c = β diag(c_z σ_z²) βᵀ{resid} + c_α · diag(σ_α²), the scalars '
            f'fit on the {fit} segment so that its random and factor-mimicking bias statistics are 1: '
-           f'c_z = <b>{_sig(cal.get("c_z"))}</b> (factor variance), c_α = <b>{_sig(cal.get("c_alpha"))}</b> '
+           f'c_z = <b>{_scalars(cal.get("c_z"))}</b> (factor variances), c_α = <b>{_sig(cal.get("c_alpha"))}</b> '
            f'(specific variance), over {_fmt(cal.get("days"))} days'
            f'{" (held at a bound of the allowed range)" if cal.get("clipped") else ""}. The other segments are '
            'the out-of-sample check; the mean-variance backtest uses Σ_c.</p>')
@@ -551,8 +563,9 @@ def section_equity(folder: Path | None, note: str) -> str:
            f'{c["max_turnover"]}; costs {c["buy_cost_bps"]} bps buy / {c["sell_cost_bps"]} bps sell.</p>')
     rm = res.get("risk_model")
     if isinstance(rm, dict):
-        out += (f'<p class="meta">Mean-variance risk model: the calibrated Σ (c_z {_sig(rm.get("c_z"))}, '
-                f'c_α {_sig(rm.get("c_alpha"))}).</p>' if rm.get("sigma") == "calibrated" else
+        out += (f'<p class="meta">Mean-variance risk model: the calibrated Σ (c_z {_scalars(rm.get("c_z"))}, '
+                f'c_α {_sig(rm.get("c_alpha"))}, {_fmt(rm.get("residual_factors", 0))} residual factors).</p>'
+                if rm.get("sigma") == "calibrated" else
                 f'<p class="meta">Mean-variance risk model: the raw Σ{_esc("; " + rm["note"]) if rm.get("note") else ""}.</p>')
     if note:
         out += f'<p class="meta">{_esc(note)}.</p>'

@@ -14,23 +14,42 @@ under-predicts risk, below 1 it over-predicts it. Three kinds of portfolio:
                     the others (the mean over k)
     mean_variance   w = Σ⁻¹ μ for the model's own forecast μ (Woodbury, no N x N inverse)
 
-Calibration (as risk vendors scale a model's factor and specific variances): two positive scalars
-multiply the predicted variances, fit on ONE segment (the validation segment in ``fvae.train``),
+Calibration (as risk vendors scale a model's factor and specific variances): K + 1 positive scalars
+multiply the predicted variances, fit on ONE segment (the validation segment in ``fvae.train``), one
+per learnt factor and one for the specific variance,
 
-    Σ_c = c_z · β diag(σ_z²) βᵀ + c_α · diag(σ_α²)        i.e. σ_z → √c_z σ_z,  σ_α → √c_α σ_α
+    Σ_c = β diag(c_z σ_z²) βᵀ + c_α · diag(σ_α²)        i.e. σ_z,k → √c_z,k σ_z,k,  σ_α → √c_α σ_α
 
-A portfolio w's predicted variance splits into a factor and a specific part, each linear in its scalar,
+A portfolio w's predicted variance splits into per-factor and specific parts, each linear in its scalar,
 
-    wᵀ Σ_c w = c_z f + c_α s,    f = ‖diag(σ_z) βᵀ w‖²,   s = Σ_i σ_α,i² w_i²
+    wᵀ Σ_c w = Σ_k c_z,k f_k + c_α s,    f_k = σ_z,k² (βᵀw)_k²,   s = Σ_i σ_α,i² w_i²
 
-so its standardised return is b_t(c) = r_t / √(c_z f_t + c_α s_t) with r_t = w_tᵀ y_t. The fit solves the
-two equations  B_random(c) = 1  and  B_factor(c) = 1  (B the bias statistic above, on the same
-portfolios) for x = (log c_z, log c_α): residuals log B_kind(eˣ), bounded least squares (scipy's
+so its standardised return is b_t(c) = r_t / √(Σ_k c_z,k f_k,t + c_α s_t) with r_t = w_tᵀ y_t. The fit
+solves the K + 1 equations  B_factor,k(c) = 1 (the bias statistic of factor k's mimicking portfolio)
+and  B_random(c) = 1  for x = (log c_z, log c_α): residuals log B(eˣ), bounded least squares (scipy's
 trust-region reflective), c clipped to CALIBRATION_RANGE and reported as ``clipped`` when a bound binds.
-Random portfolios carry mostly specific risk and factor-mimicking ones mostly factor risk, so the two
-equations pin down the two scalars; on the fit segment the calibrated random and factor statistics
-are then 1 by construction, and another segment (test) is the out-of-sample check. The
-mean-variance portfolio Σ_c⁻¹μ changes with c and is only checked, never fitted.
+Factor k's mimicking portfolio carries mostly factor k's risk and random portfolios mostly specific
+risk, so the equations pin down the scalars; one scalar for all factors is not enough, because a
+mean-variance portfolio leans on the factors whose variance is predicted smallest, and those are the
+ones most under-predicted (S&P 500: one c_z leaves the factor portfolios' biases between 0.3 and
+1.5). On the fit segment the calibrated random and factor statistics are then 1 by construction, and
+another segment (test) is the out-of-sample check. The mean-variance portfolio Σ_c⁻¹μ changes with c
+and is only checked, never fitted.
+
+Residual factors (the "missing factors" a risk vendor adds to a model whose factors do not explain
+every co-movement). A mean-variance portfolio hedges the K learnt factors and then loads on
+whatever else moves stocks together (sectors, say); a diagonal σ_α² cannot see that, so its risk is
+under-predicted however c is set (≈ 2× on the S&P 500, README). Σ_c therefore carries P statistical
+factors of the learnt model's residuals as well,
+
+    Σ_c = c_z · β diag(σ_z²) βᵀ + L_t diag(λ_t) L_tᵀ + c_α · diag(σ_α²)
+
+with L_t (N, P), λ_t (P,) the top P principal components of the residuals e_s = y_s − β_s ẑ_s of the
+``window`` days s ≤ t − lag (ẑ_s the day's cross-sectional least squares of the label on the learnt
+β; lag = the label's horizon, so only labels already realised on day t are used). The residuals
+are orthogonal to the day's β, so L carries what β misses; λ is measured, not scaled, and c_α, fit
+with it in place, takes back the specific variance that L now explains. The first lag + min_days − 1
+days of a segment have too little history and get no residual factors.
 
 Factor recovery on a synthetic market (which plants β and z): canonical correlations between a
 model's factor series and the true z_t, and the R² of the true β regressed on the learnt β, both
@@ -44,6 +63,8 @@ import math
 import numpy as np
 
 RANDOM_PORTFOLIOS = 16
+RESIDUAL_FACTORS = 10  # P: principal components of the residuals (about the number of GICS sectors)
+RESIDUAL_WINDOW = 120  # trading days of residuals behind each day's components
 ACTIVE_KL = 0.01  # nats per day: a factor whose mean KL(q ‖ p) is below this carries no information
 
 
@@ -66,15 +87,49 @@ def mean_variance(mu: np.ndarray, beta: np.ndarray, sigma_z: np.ndarray, sigma_a
     return a - dinv * (beta @ np.linalg.solve(inner, beta.T @ a))
 
 
+def residual_factors(*, y: np.ndarray, valid: np.ndarray, beta: np.ndarray, lag: int,
+                     num: int = RESIDUAL_FACTORS, window: int = RESIDUAL_WINDOW,
+                     min_days: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The residual factors of every day (module docstring): y, valid (D, N), beta (D, N, K) →
+    L (D, N, P) with unit-norm columns and λ (D, P), the components' variances per day (label units²).
+    Day t uses the residuals of days max(0, t − lag − window + 1) … t − lag; with fewer than
+    ``min_days`` of them (default window // 4) its L and λ are 0. Stocks missing on a day count as
+    a residual of 0 there."""
+    if lag < 1 or num < 1 or window < 2:
+        raise ValueError(f"residual_factors: expected lag >= 1, num >= 1 and window >= 2, got {lag}, {num}, {window}")
+    min_days = max(2, window // 4 if min_days is None else min_days)
+    D, N = y.shape
+    resid = np.zeros((D, N))
+    for d in range(D):
+        v = valid[d]
+        if v.sum() > beta.shape[-1]:
+            b, yd = beta[d, v].astype(np.float64), y[d, v].astype(np.float64)
+            resid[d, v] = yd - b @ np.linalg.lstsq(b, yd, rcond=None)[0]
+    P = min(num, N)
+    L, lam = np.zeros((D, N, P)), np.zeros((D, P))
+    for t in range(D):
+        hi = t - lag + 1  # rows [lo, hi): the realised labels
+        lo = max(0, hi - window)
+        if hi - lo < min_days:
+            continue
+        _, sv, vt = np.linalg.svd(resid[lo:hi], full_matrices=False)  # (W, N) = U S Vᵀ
+        p = min(P, sv.size)
+        L[t, :, :p], lam[t, :p] = vt[:p].T, sv[:p] ** 2 / (hi - lo)
+    return L, lam
+
+
 def _portfolio_parts(*, y: np.ndarray, valid: np.ndarray, beta: np.ndarray, sigma_z: np.ndarray,
-                     sigma_alpha: np.ndarray, seed: int, mu: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Per kind of portfolio, the stacked (r, f, s) of every usable day: {"random": (3, days, 16),
-    "factor": (3, days, K), "mean_variance": (3, days, 1) when ``mu`` is given}; r = wᵀy, f and s the
-    factor and specific parts of wᵀΣw. Shapes as in ``bias_statistics``; the random portfolios are
-    the same for the same seed and valid mask, whatever σ."""
+                     sigma_alpha: np.ndarray, seed: int, mu: np.ndarray | None = None,
+                     residual: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, tuple[np.ndarray, ...]]:
+    """Per kind of portfolio ("random": 16 of them, "factor": K, "mean_variance": 1 when ``mu`` is
+    given), the parts (r, f, s, g) of every usable day: r = wᵀy (days, P), f (days, P, K) the learnt
+    factors' parts of wᵀΣw, σ_z,k² (βᵀw)_k², s (days, P) the specific part and g (days, P) the
+    residual factors' ‖diag(√λ) Lᵀw‖² (0 without ``residual``, (L, λ) of ``residual_factors``).
+    Shapes as in ``bias_statistics``; the random portfolios are the same for the same seed and valid
+    mask, whatever σ."""
     rng = np.random.default_rng(seed)
     K = beta.shape[-1]
-    rows: dict[str, list[np.ndarray]] = {"random": [], "factor": [], "mean_variance": []}
+    rows: dict[str, list[tuple[np.ndarray, ...]]] = {"random": [], "factor": [], "mean_variance": []}
     for d in range(y.shape[0]):
         v = valid[d]
         n = int(v.sum())
@@ -87,36 +142,45 @@ def _portfolio_parts(*, y: np.ndarray, valid: np.ndarray, beta: np.ndarray, sigm
             ports["factor"] = np.linalg.solve(b.T @ b, b.T)  # (K, n): row k = β (βᵀβ)⁻¹ e_k
         except np.linalg.LinAlgError:
             pass
-        if mu is not None:
-            ports["mean_variance"] = mean_variance(mu[d, v].astype(np.float64), b, sz, sa)[None]
+        lv = residual[1][d] > 0 if residual is not None else np.zeros(0, bool)
+        ld, sl = (residual[0][d, v][:, lv], np.sqrt(residual[1][d, lv])) if lv.any() else (np.zeros((n, 0)), np.zeros(0))
+        if mu is not None:  # Σ⁻¹μ on the whole Σ: the residual factors are factors too
+            ports["mean_variance"] = mean_variance(mu[d, v].astype(np.float64), np.concatenate([b, ld], 1),
+                                                   np.concatenate([sz, sl]), sa)[None]
         for name, w in ports.items():  # w (P, n)
-            f = (((w @ b) * sz) ** 2).sum(1)  # (P,) ‖diag(σ_z) βᵀw‖²
-            rows[name].append(np.stack([w @ yd, f, (w**2 * sa**2).sum(1)]))  # (3, P)
-    return {name: np.stack(r, 1) for name, r in rows.items() if r}
+            rows[name].append((w @ yd, ((w @ b) * sz) ** 2, (w**2 * sa**2).sum(1), (((w @ ld) * sl) ** 2).sum(1)))
+    return {name: tuple(np.stack(part) for part in zip(*r)) for name, r in rows.items() if r}
 
 
-def _bias(parts: np.ndarray, c_z: float = 1.0, c_alpha: float = 1.0) -> float:
-    """The bias statistic of (r, f, s) (3, days, P) under c_z, c_α: the mean over the P portfolios of
-    the std over days of r / √(c_z f + c_α s); NaN with fewer than 3 days."""
-    r, f, s = parts
+def _bias_each(parts: tuple[np.ndarray, ...], c_z: np.ndarray | float = 1.0, c_alpha: float = 1.0) -> np.ndarray:
+    """The bias statistic of each of the P portfolios of ``parts`` under c_z (K,) or scalar and c_α:
+    the std over days of r / √(Σ_k c_z,k f_k + g + c_α s); NaN with fewer than 3 days."""
+    r, f, s, g = parts
     if r.shape[0] < 3:
-        return float("nan")
-    b = r / np.sqrt(np.maximum(c_z * f + c_alpha * s, 1e-30))
-    return float(np.mean(b.std(axis=0, ddof=1)))
+        return np.full(r.shape[1], np.nan)
+    b = r / np.sqrt(np.maximum((f * c_z).sum(-1) + g + c_alpha * s, 1e-30))
+    return b.std(axis=0, ddof=1)
+
+
+def _bias(parts: tuple[np.ndarray, ...], c_z: np.ndarray | float = 1.0, c_alpha: float = 1.0) -> float:
+    """The bias statistic of a kind of portfolio: the mean of ``_bias_each`` over its portfolios."""
+    return float(np.mean(_bias_each(parts, c_z, c_alpha)))
 
 
 def bias_statistics(*, y: np.ndarray, valid: np.ndarray, mu: np.ndarray, beta: np.ndarray, sigma_z: np.ndarray,
-                    sigma_alpha: np.ndarray, seed: int = 0) -> dict[str, float]:
-    """Bias statistics over a segment: y, mu, sigma_alpha (D, N), valid (D, N), beta (D, N, K), sigma_z (D, K).
+                    sigma_alpha: np.ndarray, seed: int = 0,
+                    residual: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, float]:
+    """Bias statistics over a segment: y, mu, sigma_alpha (D, N), valid (D, N), beta (D, N, K), sigma_z (D, K);
+    ``residual``: (L, λ) of ``residual_factors``, in Σ as they are.
 
     Returns {"random", "factor", "mean_variance"} (each the std over days of the standardised
     portfolio return; NaN with fewer than 3 usable days) and "days".
     """
     parts = _portfolio_parts(y=y, valid=valid, beta=beta, sigma_z=sigma_z, sigma_alpha=sigma_alpha, seed=seed,
-                             mu=mu)
+                             mu=mu, residual=residual)
     out = {name: _bias(parts[name]) if name in parts else float("nan")
            for name in ("random", "factor", "mean_variance")}
-    out["days"] = int(parts["random"].shape[1]) if "random" in parts else 0
+    out["days"] = int(parts["random"][0].shape[0]) if "random" in parts else 0
     return out
 
 
@@ -124,9 +188,11 @@ CALIBRATION_RANGE = (1e-4, 1e4)  # bounds on c_z and c_α: beyond them the raw m
 
 
 def calibrate_risk(*, y: np.ndarray, valid: np.ndarray, beta: np.ndarray, sigma_z: np.ndarray,
-                   sigma_alpha: np.ndarray, seed: int = 0) -> dict[str, float | int | bool]:
+                   sigma_alpha: np.ndarray, seed: int = 0,
+                   residual: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, float | int | bool]:
     """Fit c_z (factor variance) and c_α (specific variance) so that the random and factor-mimicking
-    bias statistics of this segment are 1 (module docstring). Shapes as in ``bias_statistics``.
+    bias statistics of this segment are 1 (module docstring), with the residual factors ``residual``
+    (L, λ) in Σ unscaled when given. Shapes as in ``bias_statistics``.
 
     Returns {"c_z", "c_alpha", "days", "clipped" (a bound of CALIBRATION_RANGE binds), "residual"
     (max |log B| left at the fit)}. Raises ValueError when the segment has fewer than 3 usable days.
@@ -134,31 +200,38 @@ def calibrate_risk(*, y: np.ndarray, valid: np.ndarray, beta: np.ndarray, sigma_
     # imported here: importing fvae.risk stays cheap
     from scipy.optimize import least_squares
 
-    parts = _portfolio_parts(y=y, valid=valid, beta=beta, sigma_z=sigma_z, sigma_alpha=sigma_alpha, seed=seed)
-    kinds = [parts[k] for k in ("random", "factor") if k in parts]
-    if len(kinds) < 2 or min(p.shape[1] for p in kinds) < 3:
-        raise ValueError(f"calibrate_risk: needs at least 3 usable days (more than K + 2 = {beta.shape[-1] + 2} "
+    parts = _portfolio_parts(y=y, valid=valid, beta=beta, sigma_z=sigma_z, sigma_alpha=sigma_alpha, seed=seed,
+                             residual=residual)
+    K = beta.shape[-1]
+    if "factor" not in parts or parts["random"][0].shape[0] < 3 or parts["factor"][0].shape[0] < 3:
+        raise ValueError(f"calibrate_risk: needs at least 3 usable days (more than K + 2 = {K + 2} "
                          "stocks each) with random and factor-mimicking portfolios")
+    rand, fact = parts["random"], parts["factor"]
 
-    def residual(x: np.ndarray) -> np.ndarray:  # log B_kind(e^x): 0 at the fit
-        return np.log([_bias(p, math.exp(x[0]), math.exp(x[1])) for p in kinds])
+    def residual_fn(x: np.ndarray) -> np.ndarray:  # log B(e^x) of the K factor portfolios and the random ones: 0 at the fit
+        c = np.exp(x)
+        return np.log(np.append(_bias_each(fact, c[:K], c[K]), _bias(rand, c[:K], c[K])))
 
     lo, hi = (math.log(b) for b in CALIBRATION_RANGE)
-    fit = least_squares(residual, np.zeros(2), bounds=([lo, lo], [hi, hi]), method="trf", x_scale=1.0,
-                        xtol=1e-12, ftol=1e-12, gtol=1e-12)
-    c_z, c_alpha = (float(math.exp(v)) for v in fit.x)
+    fit = least_squares(residual_fn, np.zeros(K + 1), bounds=(np.full(K + 1, lo), np.full(K + 1, hi)), method="trf",
+                        x_scale=1.0, xtol=1e-12, ftol=1e-12, gtol=1e-12)
+    c = np.exp(fit.x)
     clipped = bool(np.any(np.isclose(fit.x, lo, atol=1e-6) | np.isclose(fit.x, hi, atol=1e-6)))
-    return {"c_z": c_z, "c_alpha": c_alpha, "days": int(kinds[0].shape[1]), "clipped": clipped,
-            "residual": float(np.max(np.abs(residual(fit.x))))}
+    return {"c_z": [float(v) for v in c[:K]], "c_alpha": float(c[K]), "days": int(rand[0].shape[0]),
+            "clipped": clipped, "residual": float(np.max(np.abs(residual_fn(fit.x))))}
 
 
-def apply_calibration(*, sigma_z: np.ndarray, sigma_alpha: np.ndarray, c_z: float,
+def apply_calibration(*, sigma_z: np.ndarray, sigma_alpha: np.ndarray, c_z: float | list[float],
                       c_alpha: float) -> tuple[np.ndarray, np.ndarray]:
-    """The calibrated (σ_z, σ_α) = (√c_z σ_z, √c_α σ_α), any shapes: β diag(σ_z²) βᵀ + diag(σ_α²) on
-    them is Σ_c."""
-    if not (c_z > 0 and c_alpha > 0 and math.isfinite(c_z) and math.isfinite(c_alpha)):
-        raise ValueError(f"risk calibration: expected positive finite c_z and c_alpha, got {c_z}, {c_alpha}")
-    return sigma_z * math.sqrt(c_z), sigma_alpha * math.sqrt(c_alpha)
+    """The calibrated (σ_z, σ_α) = (√c_z σ_z, √c_α σ_α): sigma_z (..., K) with c_z one scalar per factor
+    (K,) or one for all (a calibration written before per-factor scalars), sigma_alpha any shape;
+    β diag(σ_z²) βᵀ + diag(σ_α²) on them is Σ_c."""
+    cz = np.atleast_1d(np.asarray(c_z, np.float64))
+    if not (np.all(cz > 0) and np.all(np.isfinite(cz)) and c_alpha > 0 and math.isfinite(c_alpha)) \
+            or cz.ndim != 1 or cz.size not in (1, sigma_z.shape[-1]):
+        raise ValueError(f"risk calibration: expected positive finite c_z (one, or one per each of the "
+                         f"{sigma_z.shape[-1]} factors) and c_alpha, got {c_z}, {c_alpha}")
+    return sigma_z * np.sqrt(cz), sigma_alpha * math.sqrt(c_alpha)
 
 
 def _demean(x: np.ndarray) -> np.ndarray:

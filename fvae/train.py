@@ -13,15 +13,18 @@ RUN_DIR receives:
     checkpoints/last/         state.pt: model, optimizer, schedule, epoch, RNG, config, data fingerprint
     best.pt                   best-epoch weights by validation Rank ICIR, with config and fingerprint
     tb/                       TensorBoard scalars per epoch and an hparams record
-    pred_{valid,test}.parquet (datetime, instrument) -> score, sigma, sigma_alpha, beta_k: one row per
-                              stock-day; σ's are the raw model's (the calibrated Σ multiplies σ_z² by
-                              c_z and σ_α² by c_alpha from metrics.json's risk_calibration)
+    pred_{valid,test}.parquet (datetime, instrument) -> score, sigma, sigma_alpha, beta_k, resid_beta_p:
+                              one row per stock-day; σ's are the raw model's (the calibrated Σ
+                              multiplies σ_z,k² by c_z[k] and σ_α² by c_alpha from metrics.json's
+                              risk_calibration, and adds the residual factors resid_beta_p)
     pred_{valid,test}.pkl     the same scores in qlib's pred.pkl layout
-    factors_{valid,test}.parquet  per-day prior factor distribution (mu_z_k, sigma_z_k)
+    factors_{valid,test}.parquet  per-day prior factor distribution (mu_z_k, sigma_z_k) and the
+                              residual factors' std (resid_sigma_p)
     metrics.json              ic, icir, rank_ic, rank_icir for valid and test, plus the epoch history;
                               risk: bias statistics per segment of the raw Σ; risk_calibration: the scalars
-                              c_z, c_alpha fit on the validation segment (fvae.risk.calibrate_risk) and
-                              risk_calibrated: the bias statistics of the calibrated Σ per segment
+                              c_z (one per factor), c_alpha fit on the validation segment with the
+                              residual factors in Σ (fvae.risk.calibrate_risk) and risk_calibrated: the
+                              bias statistics of the calibrated Σ per segment
     curves.png                training curves
 """
 
@@ -52,8 +55,8 @@ from fvae.metrics import daily_ic, daily_rank_ic, summarize
 from fvae.model import FactorVAE, ModelConfig
 from fvae.progress import step_bar
 from fvae.ray_local import RayStartError, sigterm_as_sigint
-from fvae.risk import (ACTIVE_KL, apply_calibration, beta_span_r2, bias_statistics, calibrate_risk,
-                       canonical_correlations, oracle_factors)
+from fvae.risk import (ACTIVE_KL, RESIDUAL_FACTORS, RESIDUAL_WINDOW, apply_calibration, beta_span_r2, bias_statistics,
+                       calibrate_risk, canonical_correlations, oracle_factors, residual_factors)
 
 
 @dataclass(kw_only=True)
@@ -801,6 +804,10 @@ def write_run_outputs(model: FactorVAE, cfg: Config, meta: Meta, *, data: Path, 
     truth = tuple(f"beta_true_{k}" for k in range(int(meta.extra["generator"]["factors"]))) \
         if (data / TRUTH_FILE).is_file() else ()
     cal = None  # the risk model's calibration, fit on the validation segment
+    lag = label_horizon(meta.label_expr)  # days until a day's label is realised
+    if lag is None:
+        print(f"[fvae] note: no residual factors in the risk model: {data / 'meta.json'}'s label_expr "
+              f"{meta.label_expr!r} does not say when a day's label is realised (Ref($close, -k))", flush=True)
     for seg in ("valid", "test"):
         if seg not in meta.segments:
             continue
@@ -810,14 +817,16 @@ def write_run_outputs(model: FactorVAE, cfg: Config, meta: Meta, *, data: Path, 
         res = summarize(daily_ic(pred["mu"], panel.ret, panel.valid), daily_rank_ic(pred["mu"], panel.ret, panel.valid))
         metrics[seg] = res
         metrics.setdefault("risk", {})[seg] = risk_bias(panel, pred, seed=cfg.train.seed)
+        resid = segment_residual_factors(panel, pred, lag=lag)
         if seg == "valid":
-            cal = fit_risk_calibration(panel, pred, seed=cfg.train.seed)
+            cal = fit_risk_calibration(panel, pred, seed=cfg.train.seed, residual=resid)
             if cal is not None:
-                metrics["risk_calibration"] = cal
+                metrics["risk_calibration"] = {**cal, "residual_factors": RESIDUAL_FACTORS if lag else 0,
+                                               "residual_window": RESIDUAL_WINDOW, "residual_lag": lag}
         if cal is not None:
             metrics.setdefault("risk_calibrated", {})[seg] = risk_bias(panel, pred, seed=cfg.train.seed,
-                                                                       calibration=cal)
-        write_predictions(out, seg, panel, pred)
+                                                                       calibration=cal, residual=resid)
+        write_predictions(out, seg, panel, pred, residual=resid)
         if extra:
             metrics["factor_recovery"] = {seg: factor_recovery(model, data, panel, pred, truth=extra, cfg=cfg)}
     metrics.update({"best_epoch": best["epoch"], "epochs_run": len(history), "history": history,
@@ -836,29 +845,54 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy()
 
 
-def risk_bias(panel: Panel, pred: dict[str, torch.Tensor], *, seed: int,
-              calibration: dict[str, Any] | None = None) -> dict[str, float]:
+def label_horizon(label_expr: str) -> int | None:
+    """Days after day t until day t's label is realised: the largest k of qlib's ``Ref($x, -k)`` in
+    the label expression, or the synthetic market's "t+k"; None when the expression does not say.
+    The residual factors must lag by it."""
+    import re
+
+    ks = [int(k) for k in re.findall(r"Ref\(\s*\$\w+\s*,\s*-(\d+)\s*\)", label_expr)]
+    ks = ks or [int(k) for k in re.findall(r"\bt\s*\+\s*(\d+)", label_expr)]
+    return max(ks) if ks and max(ks) >= 1 else None
+
+
+def segment_residual_factors(panel: Panel, pred: dict[str, torch.Tensor], *,
+                             lag: int | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """The residual factors (L, λ) of the segment's days (``fvae.risk.residual_factors``): components of
+    the learnt model's residuals on labels already realised (``lag`` days back) within the segment;
+    None when the label's horizon is not known."""
+    if lag is None:
+        return None
+    return residual_factors(y=_np(panel.label), valid=_np(panel.valid), beta=_np(pred["beta"]), lag=lag)
+
+
+def risk_bias(panel: Panel, pred: dict[str, torch.Tensor], *, seed: int, calibration: dict[str, Any] | None = None,
+              residual: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, float]:
     """Bias statistics of the predicted covariance on the segment's labels (``fvae.risk``); with
-    ``calibration`` (``fit_risk_calibration``'s) those of the calibrated Σ."""
+    ``calibration`` (``fit_risk_calibration``'s) and ``residual`` those of the calibrated Σ."""
     sigma_z, sigma_alpha = _np(pred["sigma_z"]), _np(pred["sigma_alpha"])
     if calibration is not None:
         sigma_z, sigma_alpha = apply_calibration(sigma_z=sigma_z, sigma_alpha=sigma_alpha,
                                                  c_z=calibration["c_z"], c_alpha=calibration["c_alpha"])
     return bias_statistics(y=_np(panel.label), valid=_np(panel.valid), mu=_np(pred["mu"]), beta=_np(pred["beta"]),
-                           sigma_z=sigma_z, sigma_alpha=sigma_alpha, seed=seed)
+                           sigma_z=sigma_z, sigma_alpha=sigma_alpha, seed=seed, residual=residual)
 
 
-def fit_risk_calibration(panel: Panel, pred: dict[str, torch.Tensor], *, seed: int) -> dict[str, Any] | None:
-    """metrics.json's ``risk_calibration``: c_z and c_alpha fit on this (validation) segment; None,
-    with a note, when the segment is too short to fit them."""
+def fit_risk_calibration(panel: Panel, pred: dict[str, torch.Tensor], *, seed: int,
+                         residual: tuple[np.ndarray, np.ndarray] | None) -> dict[str, Any] | None:
+    """metrics.json's ``risk_calibration``: c_z (per factor) and c_alpha fit on this (validation)
+    segment with the residual factors in Σ; None, with a note, when the segment is too short."""
     try:
         cal = calibrate_risk(y=_np(panel.label), valid=_np(panel.valid), beta=_np(pred["beta"]),
-                             sigma_z=_np(pred["sigma_z"]), sigma_alpha=_np(pred["sigma_alpha"]), seed=seed)
+                             sigma_z=_np(pred["sigma_z"]), sigma_alpha=_np(pred["sigma_alpha"]), seed=seed,
+                             residual=residual)
     except ValueError as e:
         print(f"[fvae] note: no risk calibration ({e})", flush=True)
         return None
-    print(f"[fvae] risk calibration on valid: factor variance x{cal['c_z']:.3g}, specific variance "
-          f"x{cal['c_alpha']:.3g}{' (clipped at a bound)' if cal['clipped'] else ''}", flush=True)
+    cz = np.asarray(cal["c_z"])
+    print(f"[fvae] risk calibration on valid: factor variances x{cz.min():.3g}..{cz.max():.3g}, specific variance "
+          f"x{cal['c_alpha']:.3g}, {RESIDUAL_FACTORS if residual is not None else 0} residual factors"
+          f"{' (clipped at a bound)' if cal['clipped'] else ''}", flush=True)
     return {**cal, "fit_segment": "valid"}
 
 
@@ -894,7 +928,8 @@ def factor_recovery(model: FactorVAE, data: Path, panel: Panel, pred: dict[str, 
     return res
 
 
-def write_predictions(out: Path, seg: str, panel: Panel, pred: dict[str, torch.Tensor]) -> None:
+def write_predictions(out: Path, seg: str, panel: Panel, pred: dict[str, torch.Tensor],
+                      residual: tuple[np.ndarray, np.ndarray] | None = None) -> None:
     valid = panel.valid.cpu().numpy()
     dd, nn = np.nonzero(valid)
     K = pred["beta"].shape[-1]
@@ -906,6 +941,9 @@ def write_predictions(out: Path, seg: str, panel: Panel, pred: dict[str, torch.T
     beta = pred["beta"].cpu().numpy()[dd, nn]
     for k in range(K):
         df[f"beta_{k}"] = beta[:, k]
+    if residual is not None:  # the residual factors' loadings (unit-norm per day; 0 where a day has none)
+        for p in range(residual[0].shape[-1]):
+            df[f"resid_beta_{p}"] = residual[0][dd, nn, p].astype(np.float32)
     atomic_to_parquet(out / f"pred_{seg}.parquet", df)
     atomic_to_pickle(out / f"pred_{seg}.pkl", df.set_index(["datetime", "instrument"])[["score"]])
     fz = pd.DataFrame({"datetime": panel.dates})
@@ -913,6 +951,9 @@ def write_predictions(out: Path, seg: str, panel: Panel, pred: dict[str, torch.T
     for k in range(K):
         fz[f"mu_z_{k}"] = mu_z[:, k]
         fz[f"sigma_z_{k}"] = sigma_z[:, k]
+    if residual is not None:
+        for p in range(residual[1].shape[-1]):
+            fz[f"resid_sigma_{p}"] = np.sqrt(residual[1][:, p])
     atomic_to_parquet(out / f"factors_{seg}.parquet", fz)
 
 

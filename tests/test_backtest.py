@@ -234,6 +234,42 @@ def test_mean_variance_uses_the_runs_calibrated_risk_model(constant_universe, tm
         bt.run_backtest(run, out=tmp_path / "bad", cfg=mv, progress=False)
 
 
+def test_mean_variance_adds_the_calibrations_residual_factors(constant_universe, tmp_path):
+    """A calibration with residual factors (per-factor c_z): the books are those of the raw model on
+    prediction files whose β and σ_z carry the residual factors as extra factors, scaled by hand;
+    a calibration whose residual factors the files lack is an error naming both."""
+    run, hand = tmp_path / "run", tmp_path / "hand"
+    run.mkdir()
+    hand.mkdir()
+    c_z, c_alpha, P = [4.0, 1.0, 0.5], 0.25, 2
+    pred, fz = pd.read_parquet(constant_universe), pd.read_parquet(constant_universe.with_name("factors_test.parquet"))
+    first = sorted(fz["datetime"])[:6]
+    pred, fz = pred[pred["datetime"].isin(first)].copy(), fz[fz["datetime"].isin(first)].copy()
+    rng = np.random.default_rng(7)
+    for q in range(P):
+        pred[f"resid_beta_{q}"] = rng.standard_normal(len(pred)) / np.sqrt(40)
+        fz[f"resid_sigma_{q}"] = [0.0, *rng.uniform(0.5, 2.0, len(fz) - 1)]  # the first day has none
+    pred.to_parquet(run / "pred_test.parquet", index=False)
+    fz.to_parquet(run / "factors_test.parquet", index=False)
+    (run / "metrics.json").write_text(json.dumps({"risk_calibration": {
+        "c_z": c_z, "c_alpha": c_alpha, "days": 6, "fit_segment": "valid", "residual_factors": P}}))
+    by_hand = pred.assign(sigma_alpha=pred["sigma_alpha"] * np.sqrt(c_alpha),
+                          **{f"beta_{K_FACTORS + q}": pred[f"resid_beta_{q}"] for q in range(P)})
+    by_hand.drop(columns=[f"resid_beta_{q}" for q in range(P)]).to_parquet(hand / "pred_test.parquet")
+    fz_hand = fz.assign(**{f"sigma_z_{k}": fz[f"sigma_z_{k}"] * np.sqrt(c) for k, c in enumerate(c_z)},
+                        **{f"sigma_z_{K_FACTORS + q}": fz[f"resid_sigma_{q}"] for q in range(P)})
+    fz_hand.drop(columns=[f"resid_sigma_{q}" for q in range(P)]).to_parquet(hand / "factors_test.parquet")
+    mv = bt.BacktestConfig(strategies=("mv",), max_weight=0.1)
+    res = bt.run_backtest(run, out=tmp_path / "cal", cfg=mv, progress=False)
+    assert res["risk_model"]["sigma"] == "calibrated" and res["risk_model"]["residual_factors"] == P
+    assert res["risk_model"]["c_z"] == c_z
+    assert bt.run_backtest(hand, out=tmp_path / "h", cfg=mv, progress=False)["risk_model"]["sigma"] == "raw"
+    np.testing.assert_allclose(_holdings(tmp_path / "cal"), _holdings(tmp_path / "h"), atol=1e-9)
+    pred.drop(columns=["resid_beta_1"]).to_parquet(run / "pred_test.parquet", index=False)
+    with pytest.raises(DataError, match=r"metrics.json: risk_calibration has 2 residual factors, but .*pred_test"):
+        bt.run_backtest(run, out=tmp_path / "bad", cfg=mv, progress=False)
+
+
 def test_backtest_cli_writes_every_output(constant_universe, tmp_path, capsys):
     bench = pd.DataFrame({"date": pd.bdate_range("2020-01-01", periods=40).strftime("%Y-%m-%d"),
                           "return": np.linspace(-0.01, 0.01, 40)})

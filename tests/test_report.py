@@ -79,8 +79,9 @@ def test_run_report_renders_in_chromium(tiny_run, tmp_path):
     # its mean-variance books were built on the run's calibrated Σ, and the page says so
     cal = json.loads((tiny_run / "metrics.json").read_text())["risk_calibration"]
     assert json.loads((tiny_run / "backtest" / "backtest.json").read_text())["risk_model"]["sigma"] == "calibrated"
-    assert f"Mean-variance risk model: the calibrated Σ (c_z {cal['c_z']:.3g}, c_α {cal['c_alpha']:.3g})" \
-        in _section(page, "equity")
+    cz = f"{min(cal['c_z']):.3g} … {max(cal['c_z']):.3g} ({len(cal['c_z'])} factors)"
+    assert f"Mean-variance risk model: the calibrated Σ (c_z {cz}, c_α {cal['c_alpha']:.3g}, " \
+           f"{cal['residual_factors']} residual factors)" in _section(page, "equity")
     section = dom.split('<section id="search">')[1]
     assert "Not available because this is a single training run" in section
     assert "sector analysis was skipped" in dom  # synthetic tickers
@@ -361,7 +362,9 @@ def test_risk_posterior_and_recovery_tables_show_the_runs_numbers(tiny_run, tmp_
         assert cells[3][1] == str(r["days"])
     # and of the calibrated Σ, with the scalars fit on the validation segment
     cal = metrics["risk_calibration"]
-    assert f"c_z = <b>{cal['c_z']:.3g}</b>" in risk and f"c_α = <b>{cal['c_alpha']:.3g}</b>" in risk
+    cz = f"{min(cal['c_z']):.3g} … {max(cal['c_z']):.3g} ({len(cal['c_z'])} factors)"
+    assert f"c_z = <b>{cz}</b>" in risk and f"c_α = <b>{cal['c_alpha']:.3g}</b>" in risk
+    assert f"with {cal['residual_factors']} residual factors" in risk and cal["residual_factors"] == 10
     for seg in ("valid", "test"):
         row = re.search(rf"<tr><td>{seg} \(calibrated\)</td>(.*?)</tr>", risk).group(1)
         cells = re.findall(r"<td(?: class=\"off\")?>(.*?)</td>", row)

@@ -49,7 +49,10 @@ def test_metrics_carry_the_risk_calibration_fit_on_valid(debug_run):
     cal = metrics["risk_calibration"]
     assert cal["fit_segment"] == "valid" and cal["days"] == metrics["risk"]["valid"]["days"] > 0
     lo, hi = risk.CALIBRATION_RANGE
-    assert lo <= cal["c_z"] <= hi and lo <= cal["c_alpha"] <= hi
+    assert len(cal["c_z"]) == 4 and all(lo <= c <= hi for c in cal["c_z"]) and lo <= cal["c_alpha"] <= hi
+    # the residual factors of Σ_c lag by the synthetic label's horizon (the return from t to t+1)
+    assert (cal["residual_factors"], cal["residual_window"], cal["residual_lag"]) == \
+        (risk.RESIDUAL_FACTORS, risk.RESIDUAL_WINDOW, 1)
     assert set(metrics["risk_calibrated"]) == set(metrics["risk"]) == {"valid", "test"}
     assert not cal["clipped"] and cal["residual"] < 1e-6, cal
     for name in ("random", "factor"):
@@ -66,6 +69,12 @@ def test_predictions_cover_every_test_stock_day(debug_run, tiny_market):
     assert len(pred) == meta.rows["test"]
     assert not pred.duplicated(["datetime", "instrument"]).any()
     assert {"score", "sigma", "beta_0", "beta_3"} <= set(pred.columns) and (pred["sigma"] > 0).all()
+    # the calibrated Σ's residual factors: unit-norm loadings per day (0 on days with too little history)
+    resid = [f"resid_beta_{p}" for p in range(risk.RESIDUAL_FACTORS)]
+    norms = np.sqrt((pred[resid] ** 2).groupby(pred["datetime"]).sum())
+    assert ((norms.round(3) == 1.0) | (norms == 0.0)).all().all() and (norms.iloc[-1] > 0.99).all()
+    fz = pd.read_parquet(out / "factors_test.parquet")
+    assert (fz[[f"resid_sigma_{p}" for p in range(risk.RESIDUAL_FACTORS)]] >= 0).all().all()
     # qlib's pred.pkl layout: MultiIndex (datetime, instrument), one 'score' column
     pkl = pd.read_pickle(out / "pred_test.pkl")
     assert list(pkl.index.names) == ["datetime", "instrument"] and list(pkl.columns) == ["score"]
