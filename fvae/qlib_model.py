@@ -212,10 +212,14 @@ def _bounds(dataset: DatasetH, segment: str | slice) -> tuple[pd.Timestamp, pd.T
 
 
 def _label_expr(handler: Any) -> str:
-    """The handler's label expression (Alpha158/Alpha360: ``get_label_config``), which says when a
-    day's label is realised; "the handler's label" when the handler does not tell."""
-    try:
-        fields = handler.get_label_config()[0]
-        return " ; ".join(str(f) for f in fields) if fields else "the handler's label"
-    except (AttributeError, TypeError, IndexError):
-        return "the handler's label"
+    """The handler's label expression, which says when a day's label is realised: its loader's label
+    fields (what a ``label=`` argument set), else ``get_label_config`` (Alpha158/Alpha360's default);
+    "the handler's label" when the handler does not tell."""
+    for get in (lambda: handler.data_loader.fields["label"][0], lambda: handler.get_label_config()[0]):
+        try:
+            fields = get()
+        except (AttributeError, TypeError, IndexError, KeyError):
+            continue
+        if fields:
+            return " ; ".join(str(f) for f in fields)
+    return "the handler's label"

@@ -7,6 +7,7 @@ qlib's processors, and the recorder on a SQLite tracking store under the test's 
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -115,6 +116,9 @@ def test_qlib_workflow_trains_predicts_and_records(qdir: Path, tmp_path: Path, m
     assert metrics.is_file() and model.result["best_epoch"] in (0, 1)
     assert math.isfinite(model.result["history"][0]["valid_rank_icir"])
     assert model.meta.layout == "window" and (model.meta.lookback, model.meta.channels) == (60, 6)
+    # the handler's label says when a day's label is realised: the risk model's residual factors lag by it
+    assert model.meta.label_expr.replace(" ", "") == "Ref($close,-2)/Ref($close,-1)-1", model.meta.label_expr
+    assert json.loads(metrics.read_text())["risk_calibration"]["residual_lag"] == 2
 
 
 def test_alpha360_frames_become_time_major_windows() -> None:
