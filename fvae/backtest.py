@@ -300,6 +300,13 @@ def use_risk_model(market: Market, mode: str) -> dict[str, Any]:
     return out
 
 
+def _calibration_text(rm: dict[str, Any]) -> str:
+    """'c_z …, c_alpha …, P residual factors' of a ``risk_model`` record; c_z one scalar or one per factor."""
+    cz = np.atleast_1d(np.asarray(rm["c_z"], np.float64))
+    text = f"c_z {cz[0]:.3g}" if cz.size == 1 else f"c_z {cz.min():.3g}..{cz.max():.3g} ({cz.size} factors)"
+    return f"{text}, c_alpha {rm['c_alpha']:.3g}, {rm.get('residual_factors', 0)} residual factors"
+
+
 def _check_overlap(market: Market, df: pd.DataFrame, rows: pd.DataFrame, *, pred_path: Path, returns: str) -> None:
     """A backtest needs stock-days with both a finite score and a realised return; without one it
     would report a complete-looking run whose every return is 0."""
@@ -633,7 +640,7 @@ def run_backtest(pred: str | Path, *, out: str | Path, data: str | Path | None =
         result["risk_model"] = risk_model  # the Σ mean-variance was built on
         if progress:
             print(f"[backtest] mean-variance risk model: {risk_model['sigma']} Σ"
-                  + (f" (c_z {risk_model['c_z']:.3g}, c_alpha {risk_model['c_alpha']:.3g})" if "c_z" in risk_model
+                  + (f" ({_calibration_text(risk_model)})" if "c_z" in risk_model
                      else f" ({risk_model['note']})" if "note" in risk_model else ""), flush=True)
     daily: dict[str, pd.DataFrame] = {}
     for name in cfg.strategies:

@@ -234,7 +234,7 @@ def test_mean_variance_uses_the_runs_calibrated_risk_model(constant_universe, tm
         bt.run_backtest(run, out=tmp_path / "bad", cfg=mv, progress=False)
 
 
-def test_mean_variance_adds_the_calibrations_residual_factors(constant_universe, tmp_path):
+def test_mean_variance_adds_the_calibrations_residual_factors(constant_universe, tmp_path, capsys):
     """A calibration with residual factors (per-factor c_z): the books are those of the raw model on
     prediction files whose β and σ_z carry the residual factors as extra factors, scaled by hand;
     a calibration whose residual factors the files lack is an error naming both."""
@@ -260,7 +260,9 @@ def test_mean_variance_adds_the_calibrations_residual_factors(constant_universe,
                         **{f"sigma_z_{K_FACTORS + q}": fz[f"resid_sigma_{q}"] for q in range(P)})
     fz_hand.drop(columns=[f"resid_sigma_{q}" for q in range(P)]).to_parquet(hand / "factors_test.parquet")
     mv = bt.BacktestConfig(strategies=("mv",), max_weight=0.1)
-    res = bt.run_backtest(run, out=tmp_path / "cal", cfg=mv, progress=False)
+    res = bt.run_backtest(run, out=tmp_path / "cal", cfg=mv, progress=True)
+    assert "mean-variance risk model: calibrated Σ (c_z 0.5..4 (3 factors), c_alpha 0.25, 2 residual factors)" \
+        in capsys.readouterr().out
     assert res["risk_model"]["sigma"] == "calibrated" and res["risk_model"]["residual_factors"] == P
     assert res["risk_model"]["c_z"] == c_z
     assert bt.run_backtest(hand, out=tmp_path / "h", cfg=mv, progress=False)["risk_model"]["sigma"] == "raw"
