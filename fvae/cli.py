@@ -15,6 +15,7 @@ COMMANDS = {  # command -> (module whose main(argv) runs it, what it does)
     "backtest": ("fvae.backtest", "TopK-Drop and mean-variance portfolios of a run's predictions"),
     "baselines": ("fvae.baselines", "linear, LightGBM, MLP, GRU and FactorVAE on the same data"),
     "factors": ("fvae.factors", "factor returns, correlations and sectors of a run"),
+    "ensemble": ("fvae.ensemble", "a seed ensemble of finished runs (mean of per-day standardised scores)"),
     "bench": ("fvae.bench.__main__", "benchmarks that print figures: data, train, tune"),
 }
 

@@ -23,7 +23,7 @@ def test_every_command_is_a_python_m_entry_point():
 
     for name, (module, _) in cli.COMMANDS.items():
         assert callable(importlib.import_module(module).main), name
-    assert {"data", "train", "tune", "report", "backtest", "baselines", "factors", "bench"} == set(cli.COMMANDS)
+    assert {"data", "train", "tune", "report", "backtest", "baselines", "factors", "ensemble", "bench"} == set(cli.COMMANDS)
 
 
 def test_dispatch_runs_the_command_with_the_rest_of_the_line(tmp_path, capsys):
