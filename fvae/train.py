@@ -55,7 +55,7 @@ from fvae.metrics import daily_ic, daily_rank_ic, summarize
 from fvae.model import FactorVAE, ModelConfig
 from fvae.progress import step_bar
 from fvae.ray_local import RayStartError, sigterm_as_sigint
-from fvae.risk import (ACTIVE_KL, RESIDUAL_FACTORS, RESIDUAL_WINDOW, apply_calibration, beta_span_r2, bias_statistics,
+from fvae.risk import (ACTIVE_KL, RESIDUAL_WINDOW, apply_calibration, beta_span_r2, bias_statistics,
                        calibrate_risk, canonical_correlations, oracle_factors, residual_factors)
 
 
@@ -821,7 +821,7 @@ def write_run_outputs(model: FactorVAE, cfg: Config, meta: Meta, *, data: Path, 
         if seg == "valid":
             cal = fit_risk_calibration(panel, pred, seed=cfg.train.seed, residual=resid)
             if cal is not None:
-                metrics["risk_calibration"] = {**cal, "residual_factors": RESIDUAL_FACTORS if lag else 0,
+                metrics["risk_calibration"] = {**cal, "residual_factors": 0 if resid is None else resid[1].shape[-1],
                                                "residual_window": RESIDUAL_WINDOW, "residual_lag": lag}
         if cal is not None:
             metrics.setdefault("risk_calibrated", {})[seg] = risk_bias(panel, pred, seed=cfg.train.seed,
@@ -891,7 +891,7 @@ def fit_risk_calibration(panel: Panel, pred: dict[str, torch.Tensor], *, seed: i
         return None
     cz = np.asarray(cal["c_z"])
     print(f"[fvae] risk calibration on valid: factor variances x{cz.min():.3g}..{cz.max():.3g}, specific variance "
-          f"x{cal['c_alpha']:.3g}, {RESIDUAL_FACTORS if residual is not None else 0} residual factors"
+          f"x{cal['c_alpha']:.3g}, {0 if residual is None else residual[1].shape[-1]} residual factors"
           f"{' (clipped at a bound)' if cal['clipped'] else ''}", flush=True)
     return {**cal, "fit_segment": "valid"}
 
