@@ -286,9 +286,9 @@ def test_ray_job_submit_against_a_local_cluster(tiny_market, tmp_path, ray_clust
     assert len(summary["trials"]) == 4 and summary["best"]["test"]["rank_ic"] is not None
 
 
-def _trial_files(exp: Path) -> dict[str, dict[str, tuple[int, str]]]:
+def _trial_files(exp: Path, space: Path = SMOKE) -> dict[str, dict[str, tuple[int, str]]]:
     """Per trial that has finished all its epochs: (mtime, sha256) of its checkpoint and metrics.json."""
-    epochs = load_space(SMOKE).fixed["train.epochs"]
+    epochs = load_space(space).fixed["train.epochs"]
     out = {}
     for state in (exp / "trials").glob("*/checkpoints/last/state.pt") if (exp / "trials").is_dir() else []:
         if load_state(state)["epoch"] + 1 != epochs:
@@ -320,7 +320,13 @@ def test_resume_after_killing_the_driver_again_and_again(tiny_market, tmp_path, 
 
     rng = random.Random(15)
     exp = tmp_path / "exp"
-    cmd = [sys.executable, "-m", "fvae.tune", "--data", str(tiny_market), "--space", str(SMOKE),
+    # smoke.yaml with 6 epochs, not 2: on an idle machine the 3 trials of 2 epochs could all finish
+    # within the random wait before the first kill, and the resumed search then had nothing left to train
+    space = tmp_path / "slower.yaml"
+    text = SMOKE.read_text()
+    assert "  train.epochs: 2\n  train.patience: 2\n" in text
+    space.write_text(text.replace("  train.epochs: 2\n  train.patience: 2\n", "  train.epochs: 6\n  train.patience: 6\n"))
+    cmd = [sys.executable, "-m", "fvae.tune", "--data", str(tiny_market), "--space", str(space),
            "--num-samples", "3", "--out", str(exp), "--max-concurrent", "1", "--address", ray_cluster["address"]]
     finished: dict[str, dict[str, tuple[int, str]]] = {}  # as they were when first seen finished
 
@@ -332,7 +338,7 @@ def test_resume_after_killing_the_driver_again_and_again(tiny_market, tmp_path, 
     def kill(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        for tid, files in _trial_files(exp).items():
+        for tid, files in _trial_files(exp, space).items():
             finished.setdefault(tid, files)
 
     for n in range(2):  # at a random moment after the next epoch is trained
@@ -342,7 +348,7 @@ def test_resume_after_killing_the_driver_again_and_again(tiny_market, tmp_path, 
             assert proc.poll() is None, (tmp_path / f"run{n}.log").read_text()[-3000:]
             assert time.time() < deadline, f"run {n}: no epoch trained within 300 s"
             time.sleep(0.2)
-        time.sleep(rng.uniform(0, 4))
+        time.sleep(rng.uniform(0, 2))
         assert proc.poll() is None, "the search ended before its kill"
         kill(proc)
     proc = launch(2, FVAE_STOP_BEFORE_RENAME="summary.json")  # the last trials, then stop in the summary
@@ -369,7 +375,7 @@ def test_resume_after_killing_the_driver_again_and_again(tiny_market, tmp_path, 
         history = load_state(Path(t["run_dir"]) / "checkpoints" / "last")["history"]
         assert 1 <= t["epochs"] <= len(history), t
         assert t["value"] == max(h["valid_rank_icir"] for h in history[: t["epochs"]]), t
-    now = _trial_files(exp)
+    now = _trial_files(exp, space)
     for tid, was in finished.items():
         assert tid in ids and now[tid]["state.pt"] == was["state.pt"], tid
         if "metrics.json" in was and tid != summary["best"]["trial_id"]:
