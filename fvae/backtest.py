@@ -224,24 +224,23 @@ def load_market(pred: str | Path, *, data: str | Path | None = None, need_risk: 
         beta[di, si] = df[betas].to_numpy(np.float64)
         sa = np.full((D, N), np.nan)
         sa[di, si] = df["sigma_alpha"].to_numpy(np.float64)
-        fz = pd.read_parquet(fpath)
+        factors = pd.read_parquet(fpath)
         cols = [f"sigma_z_{k}" for k in range(K)]
-        missing = [c for c in ["datetime", *cols] if c not in fz.columns]
+        missing = [c for c in ["datetime", *cols] if c not in factors.columns]
         if missing:
             raise DataError(f"{fpath}: missing column(s) {missing} (predictions have {K} betas)")
-        fz = fz.set_index(pd.to_datetime(fz["datetime"]))[cols].reindex(dates)
+        by_day = factors.set_index(pd.to_datetime(factors["datetime"])).reindex(dates)
+        fz = by_day[cols]
         if fz.isna().any().any():
             raise DataError(f"{fpath}: no factor row for {int(fz.isna().any(axis=1).sum())} prediction date(s)")
         market.beta, market.sigma_alpha, market.sigma_z = beta, sa, fz.to_numpy(np.float64)
         source["factors"] = str(fpath)
         resid = sorted((c for c in df.columns if c.startswith("resid_beta_")), key=lambda c: int(c.rsplit("_", 1)[1]))
         rs_cols = [f"resid_sigma_{p}" for p in range(len(resid))]
-        fz_all = pd.read_parquet(fpath)
-        if resid and all(c in fz_all.columns for c in rs_cols):
+        if resid and all(c in factors.columns for c in rs_cols):
             market.resid_beta = np.zeros((D, N, len(resid)))
             market.resid_beta[di, si] = df[resid].to_numpy(np.float64)
-            rz = fz_all.set_index(pd.to_datetime(fz_all["datetime"]))[rs_cols].reindex(dates)
-            market.resid_sigma = rz.fillna(0.0).to_numpy(np.float64)
+            market.resid_sigma = by_day[rs_cols].fillna(0.0).to_numpy(np.float64)
     elif need_risk:
         why = (f"{fpath} not found" if not fpath.is_file() else
                f"{pred_path} lacks beta_k/sigma_alpha columns")

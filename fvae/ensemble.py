@@ -17,7 +17,6 @@ raw forward return) and ``metrics.json``: per segment the ensemble's ic, icir, r
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ import pandas as pd
 import torch
 
 from fvae.data.shards import DataError
-from fvae.io import atomic_to_parquet, atomic_write_json
+from fvae.io import atomic_to_parquet, atomic_write_json, read_json
 from fvae.metrics import daily_ic, daily_rank_ic, summarize
 
 SEGMENTS = ("valid", "test")
@@ -38,10 +37,7 @@ def _member(run: Path) -> dict[str, Any]:
     path = run / "metrics.json"
     if not path.is_file():
         raise DataError(f"{path} not found: expected a finished fvae.train run")
-    try:
-        metrics = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from None
+    metrics = read_json(path, error=DataError)
     if "fingerprint" not in metrics:
         raise DataError(f"{path}: no 'fingerprint': expected the metrics.json of an fvae.train run")
     return metrics

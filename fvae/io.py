@@ -21,7 +21,7 @@ from typing import Any, Callable
 import numpy as np
 
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_torch_save",
-           "atomic_to_parquet", "atomic_to_pickle", "strict_json", "pyplot"]
+           "atomic_to_parquet", "atomic_to_pickle", "strict_json", "read_json", "pyplot"]
 
 STOP_BEFORE_RENAME = "FVAE_STOP_BEFORE_RENAME"
 
@@ -76,6 +76,14 @@ def _json_default(o: Any) -> Any:
     if hasattr(o, "strftime"):  # pandas.Timestamp, datetime.date
         return o.strftime("%Y-%m-%d")
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def read_json(path: Path, *, error: type[Exception]) -> Any:
+    """The JSON document in ``path``; ``error("PATH: not valid JSON (...)")`` when it is not JSON."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> Path:

@@ -39,7 +39,6 @@ import base64
 import dataclasses
 import html
 import io
-import json
 import math
 import sys
 import time
@@ -50,7 +49,7 @@ import numpy as np
 import pandas as pd
 
 from fvae.data.shards import DataError
-from fvae.io import atomic_write_text, pyplot
+from fvae.io import atomic_write_text, pyplot, read_json
 from fvae.risk import ACTIVE_KL
 
 SECTIONS = ("metrics", "risk", "posterior", "equity", "drawdown", "factors", "search")
@@ -205,10 +204,7 @@ def resolve_inputs(path: str | Path, *, data: str | Path | None = None) -> Input
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ReportError(f"{path}: not valid JSON ({e})") from None
+    return read_json(path, error=ReportError)
 
 
 def find_baselines(inp: Inputs, explicit: list[Path] | None) -> list[Path]:

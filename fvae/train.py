@@ -34,6 +34,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -849,8 +850,6 @@ def label_horizon(label_expr: str) -> int | None:
     """Days after day t until day t's label is realised: the largest k of qlib's ``Ref($x, -k)`` in
     the label expression, or the synthetic market's "t+k"; None when the expression does not say.
     The residual factors must lag by it."""
-    import re
-
     ks = [int(k) for k in re.findall(r"Ref\(\s*\$\w+\s*,\s*-(\d+)\s*\)", label_expr)]
     ks = ks or [int(k) for k in re.findall(r"\bt\s*\+\s*(\d+)", label_expr)]
     return max(ks) if ks and max(ks) >= 1 else None

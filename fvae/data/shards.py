@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from fvae.io import atomic_write_bytes, atomic_write_json
+from fvae.io import atomic_write_bytes, atomic_write_json, read_json
 from fvae.progress import bar
 
 TRUTH_FILE = "truth.parquet"  # a synthetic market's realised factor returns z_t, beside its shards
@@ -90,10 +90,7 @@ def read_meta(folder: str | Path) -> Meta:
         raise DataError(f"{folder}: shard folder not found")
     if not path.is_file():
         raise DataError(f"{path}: missing; the folder is not a finished export (was it interrupted?)")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from None
+    raw = read_json(path, error=DataError)
     names = {f.name for f in dataclasses.fields(Meta)}
     missing = [f.name for f in dataclasses.fields(Meta) if f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING and f.name not in raw]
