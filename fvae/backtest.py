@@ -9,10 +9,11 @@ PREDICTIONS is a ``pred_*.parquet`` written by ``fvae.train``, a run directory (
 ``pred_test.parquet``) or a search directory of ``fvae.tune`` (then its best trial's). Mean-variance also needs the matching ``factors_*.parquet`` next to it.
 
 Risk model of mean-variance (``--risk``): ``calibrated`` is
-Σ_c = β diag(c_z σ_z²) βᵀ + L diag(λ) Lᵀ + c_α diag(σ_α²) with the scalars of ``risk_calibration`` in
-the run's metrics.json (next to the predictions; fit on the validation segment,
-``fvae.risk.calibrate_risk``) and the residual factors L (``resid_beta_p``) and √λ
-(``resid_sigma_p``) of the prediction files, when the calibration has them; ``raw`` the model's own σ's as written in the
+Σ_c = β diag(c_z σ_z²) βᵀ + L diag(λ) Lᵀ + σ_u² u uᵀ + c_α diag(σ_α²) with the scalars of
+``risk_calibration`` in the run's metrics.json (next to the predictions; fit on the validation
+segment, ``fvae.risk.calibrate_risk``), the residual factors L (``resid_beta_p``) and √λ
+(``resid_sigma_p``) and the alpha factor u (``alpha_u``) and σ_u (``alpha_sigma``) of the
+prediction files, when the calibration has them; ``raw`` the model's own σ's as written in the
 prediction files, ``auto`` (the default) calibrated when the run has a calibration, else raw with a
 note. backtest.json's ``risk_model`` records which Σ the books were built on.
 
@@ -116,6 +117,8 @@ class Market:
     sigma_z: np.ndarray | None = None  # (D, K) prior factor std from factors_*.parquet
     resid_beta: np.ndarray | None = None  # (D, N, P) residual factors' loadings (resid_beta_p), when written
     resid_sigma: np.ndarray | None = None  # (D, P) their std (resid_sigma_p)
+    alpha_u: np.ndarray | None = None  # (D, N) the alpha factor's loadings (alpha_u), when written
+    alpha_sigma: np.ndarray | None = None  # (D,) its calibrated std (alpha_sigma)
     source: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -241,6 +244,10 @@ def load_market(pred: str | Path, *, data: str | Path | None = None, need_risk: 
             market.resid_beta = np.zeros((D, N, len(resid)))
             market.resid_beta[di, si] = df[resid].to_numpy(np.float64)
             market.resid_sigma = by_day[rs_cols].fillna(0.0).to_numpy(np.float64)
+        if "alpha_u" in df.columns and "alpha_sigma" in factors.columns:
+            market.alpha_u = np.zeros((D, N))
+            market.alpha_u[di, si] = df["alpha_u"].to_numpy(np.float64)
+            market.alpha_sigma = by_day["alpha_sigma"].fillna(0.0).to_numpy(np.float64)
     elif need_risk:
         why = (f"{fpath} not found" if not fpath.is_file() else
                f"{pred_path} lacks beta_k/sigma_alpha columns")
@@ -296,6 +303,13 @@ def use_risk_model(market: Market, mode: str) -> dict[str, Any]:
         market.beta = np.concatenate([market.beta, market.resid_beta], -1)
         market.sigma_z = np.concatenate([market.sigma_z, market.resid_sigma], -1)
         out["residual_factors"] = P
+    if "c_mu" in cal:  # the alpha factor: one more factor of Σ_c
+        if market.alpha_u is None or market.alpha_sigma is None:
+            raise DataError(f"{where}: risk_calibration has an alpha factor (c_mu), but {market.source['predictions']} "
+                            "and its factors file do not hold alpha_u and alpha_sigma")
+        market.beta = np.concatenate([market.beta, market.alpha_u[..., None]], -1)
+        market.sigma_z = np.concatenate([market.sigma_z, market.alpha_sigma[:, None]], -1)
+        out["c_mu"] = float(cal["c_mu"])
     return out
 
 
@@ -303,7 +317,8 @@ def _calibration_text(rm: dict[str, Any]) -> str:
     """'c_z …, c_alpha …, P residual factors' of a ``risk_model`` record; c_z one scalar or one per factor."""
     cz = np.atleast_1d(np.asarray(rm["c_z"], np.float64))
     text = f"c_z {cz[0]:.3g}" if cz.size == 1 else f"c_z {cz.min():.3g}..{cz.max():.3g} ({cz.size} factors)"
-    return f"{text}, c_alpha {rm['c_alpha']:.3g}, {rm.get('residual_factors', 0)} residual factors"
+    alpha = f", alpha factor c_mu {rm['c_mu']:.3g}" if "c_mu" in rm else ""
+    return f"{text}, c_alpha {rm['c_alpha']:.3g}, {rm.get('residual_factors', 0)} residual factors{alpha}"
 
 
 def _check_overlap(market: Market, df: pd.DataFrame, rows: pd.DataFrame, *, pred_path: Path, returns: str) -> None:

@@ -55,7 +55,8 @@ from fvae.risk import ACTIVE_KL
 SECTIONS = ("metrics", "risk", "posterior", "equity", "drawdown", "factors", "search")
 METRIC_COLS = (("ic", "IC"), ("icir", "ICIR"), ("rank_ic", "Rank IC"), ("rank_icir", "Rank ICIR"))
 RUN_SELECTED_BY = "epoch by valid Rank ICIR"  # how fvae.train picks the run's best epoch (EarlyStopping)
-BIAS_COLS = (("random", "random long-short"), ("factor", "factor-mimicking"), ("mean_variance", "mean-variance"))
+BIAS_COLS = (("random", "random long-short"), ("factor", "factor-mimicking"), ("alpha", "alpha factor"),
+             ("mean_variance", "mean-variance"))
 BIAS_OK = (0.8, 1.25)  # a bias statistic outside this band marks a miscalibrated risk model
 MAX_EPOCH_ROWS = 25  # a longer history is tabulated on evenly spaced epochs, plus the best and the last
 
@@ -354,10 +355,16 @@ def _calibrated_risk(metrics: dict[str, Any]) -> str:
     resid = (f' + L diag(λ) Lᵀ, with {P} residual factors (the principal components of the learnt model\'s '
              f'residuals over the {_fmt(cal.get("residual_window"))} days before each day whose labels were realised)'
              if P else "")
-    out = (f'<h3>Calibrated risk model</h3><p>Σ_c = β diag(c_z σ_z²) βᵀ{resid} + c_α · diag(σ_α²), the scalars '
-           f'fit on the {fit} segment so that its random and factor-mimicking bias statistics are 1: '
+    has_u = "c_mu" in cal
+    cmu = f', c_μ = <b>{_sig(cal.get("c_mu"))}</b> (alpha factor)' if has_u else ""
+    alpha = (" + c_μ s̄ · u uᵀ, with u the alpha factor (the forecast μ orthogonal to the other factors, unit "
+             "norm; s̄ the day's mean calibrated σ_α²)" if has_u else "")
+    out = (f'<h3>Calibrated risk model</h3><p>Σ_c = β diag(c_z σ_z²) βᵀ{resid}{alpha} + c_α · diag(σ_α²), the '
+           f'scalars fit on the {fit} segment so that its random, factor-mimicking{" and alpha" if has_u else ""} '
+           f'bias statistics are 1: '
            f'c_z = <b>{_scalars(cal.get("c_z"))}</b> (factor variances), c_α = <b>{_sig(cal.get("c_alpha"))}</b> '
-           f'(specific variance), over {_fmt(cal.get("days"))} days'
+           f'(specific variance){cmu}, '
+           f'over {_fmt(cal.get("days"))} days'
            f'{" (held at a bound of the allowed range)" if cal.get("clipped") else ""}. The other segments are '
            'the out-of-sample check; the mean-variance backtest uses Σ_c.</p>')
     rows = _bias_rows(risk, " (calibrated)")
@@ -560,7 +567,8 @@ def section_equity(folder: Path | None, note: str) -> str:
     rm = res.get("risk_model")
     if isinstance(rm, dict):
         out += (f'<p class="meta">Mean-variance risk model: the calibrated Σ (c_z {_scalars(rm.get("c_z"))}, '
-                f'c_α {_sig(rm.get("c_alpha"))}, {_fmt(rm.get("residual_factors", 0))} residual factors).</p>'
+                f'c_α {_sig(rm.get("c_alpha"))}, {_fmt(rm.get("residual_factors", 0))} residual factors'
+                f'{", an alpha factor" if "c_mu" in rm else ""}).</p>'
                 if rm.get("sigma") == "calibrated" else
                 f'<p class="meta">Mean-variance risk model: the raw Σ{_esc("; " + rm["note"]) if rm.get("note") else ""}.</p>')
     if note:

@@ -7,11 +7,12 @@ FactorVAE predicts, per day, a covariance of the stocks' returns (label units)
 Bias statistic (as risk-model vendors check theirs): for a portfolio w_t held on day t,
 the standardised return b_t = w_tᵀ y_t / sqrt(w_tᵀ Σ_t w_t); the statistic is the standard
 deviation of b_t over the segment's days. Near 1 the predicted risk is right; above 1 the model
-under-predicts risk, below 1 it over-predicts it. Three kinds of portfolio:
+under-predicts risk, below 1 it over-predicts it. Four kinds of portfolio:
 
     random          long-short w ~ N(0, 1) over the day's stocks (fixed seed), the mean of 16
     factor          factor-mimicking: w_k = β (βᵀβ)⁻¹ e_k, unit exposure to factor k, none to
                     the others (the mean over k)
+    alpha           the alpha factor's portfolio w = u (below: the forecast ⊥ the factors)
     mean_variance   w = Σ⁻¹ μ for the model's own forecast μ (Woodbury, no N x N inverse)
 
 Calibration (as risk vendors scale a model's factor and specific variances): K + 1 positive scalars
@@ -51,6 +52,17 @@ are orthogonal to the day's β, so L carries what β misses; λ is measured, not
 with it in place, takes back the specific variance that L now explains. The first lag + min_days − 1
 days of a segment have too little history and get no residual factors.
 
+Alpha factor (Saxena and Stubbs' alpha alignment factor, its variance measured). A mean-variance
+portfolio leans on the forecast's own direction, and stocks that a forecast built from past prices
+ranks alike also move alike beyond β and a trailing window of residuals (S&P 500: the forecast's
+own portfolio carries 1.5-1.8x its predicted risk). So Σ_c carries one more factor per day,
+
+    u_t = μ_t ⊥ [β_t | L_t], ‖u_t‖ = 1,   variance c_μ s̄_t,   s̄_t the day's mean of c_α σ_α²
+
+with c_μ fit with c_z and c_α (K + 2 equations) so that the bias statistic of the alpha portfolio
+w = u is 1 on the fit segment; "alpha" is then a fourth kind of portfolio, and the mean-variance
+portfolio, still only checked, is Σ_c⁻¹μ with u in Σ_c.
+
 Factor recovery on a synthetic market (which plants β and z): canonical correlations between a
 model's factor series and the true z_t, and the R² of the true β regressed on the learnt β, both
 after removing each day's cross-sectional mean (the rank-normalised label has none).
@@ -59,6 +71,7 @@ after removing each day's cross-sectional mean (the rank-normalised label has no
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -118,18 +131,53 @@ def residual_factors(*, y: np.ndarray, valid: np.ndarray, beta: np.ndarray, lag:
     return L, lam
 
 
+def alpha_loadings(mu: np.ndarray, factors: np.ndarray) -> np.ndarray:
+    """The alpha factor's loadings u (n,) of one day: the forecast μ (n,) orthogonal to the day's factor
+    loadings ``factors`` (n, F) (β and the residual factors' L), scaled to ‖u‖ = 1; 0 when μ is in
+    their span."""
+    u = mu - factors @ np.linalg.lstsq(factors, mu, rcond=None)[0] if factors.shape[1] else mu - 0.0
+    norm = np.linalg.norm(u)
+    return u / norm if norm > 1e-12 * max(1.0, float(np.linalg.norm(mu))) else np.zeros_like(u)
+
+
+def alpha_factor(*, mu: np.ndarray, valid: np.ndarray, beta: np.ndarray,
+                 residual: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """u (D, N): every day's alpha factor loadings (``alpha_loadings``; 0 off the day's stocks and on
+    days with K + 2 stocks or fewer), as the prediction files carry them (``alpha_u``)."""
+    u = np.zeros(mu.shape)
+    for d in range(mu.shape[0]):
+        v = valid[d]
+        if int(v.sum()) <= beta.shape[-1] + 2:
+            continue
+        u[d, v] = alpha_loadings(mu[d, v].astype(np.float64), _day_factors(beta, residual, d, v))
+    return u
+
+
+def _day_factors(beta: np.ndarray, residual: tuple[np.ndarray, np.ndarray] | None, d: int,
+                 v: np.ndarray) -> np.ndarray:
+    """[β | L] (n, K + P') of day d's stocks v: the learnt factors and the day's residual factors with λ > 0."""
+    b = beta[d, v].astype(np.float64)
+    if residual is None:
+        return b
+    lv = residual[1][d] > 0
+    return np.concatenate([b, residual[0][d, v][:, lv].astype(np.float64)], 1)
+
+
 def _portfolio_parts(*, y: np.ndarray, valid: np.ndarray, beta: np.ndarray, sigma_z: np.ndarray,
                      sigma_alpha: np.ndarray, seed: int, mu: np.ndarray | None = None,
-                     residual: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, tuple[np.ndarray, ...]]:
-    """Per kind of portfolio ("random": 16 of them, "factor": K, "mean_variance": 1 when ``mu`` is
-    given), the parts (r, f, s, g) of every usable day: r = wᵀy (days, P), f (days, P, K) the learnt
-    factors' parts of wᵀΣw, σ_z,k² (βᵀw)_k², s (days, P) the specific part and g (days, P) the
-    residual factors' ‖diag(√λ) Lᵀw‖² (0 without ``residual``, (L, λ) of ``residual_factors``).
-    Shapes as in ``bias_statistics``; the random portfolios are the same for the same seed and valid
-    mask, whatever σ."""
+                     residual: tuple[np.ndarray, np.ndarray] | None = None,
+                     with_mean_variance: bool = True, c_mu: float = 0.0) -> dict[str, tuple[np.ndarray, ...]]:
+    """Per kind of portfolio ("random": 16 of them, "factor": K; with ``mu`` "alpha": 1, the alpha
+    factor's own portfolio u, and "mean_variance": 1 unless ``with_mean_variance`` is False), the parts
+    (r, f, s, g, h) of every usable day: r = wᵀy (days, P), f (days, P, K) the learnt factors' parts of
+    wᵀΣw, σ_z,k² (βᵀw)_k², s (days, P) the specific part, g (days, P) the residual factors'
+    ‖diag(√λ) Lᵀw‖² (0 without ``residual``, (L, λ) of ``residual_factors``) and h (days, P) the alpha
+    factor's s̄ (uᵀw)², s̄ the day's mean σ_α² (0 without ``mu``). The mean-variance portfolio is
+    Σ⁻¹μ of the Σ with the alpha factor's variance c_μ s̄ in it. Shapes as in ``bias_statistics``; the
+    random portfolios are the same for the same seed and valid mask, whatever σ."""
     rng = np.random.default_rng(seed)
     K = beta.shape[-1]
-    rows: dict[str, list[tuple[np.ndarray, ...]]] = {"random": [], "factor": [], "mean_variance": []}
+    rows: dict[str, list[tuple[np.ndarray, ...]]] = {"random": [], "factor": [], "alpha": [], "mean_variance": []}
     for d in range(y.shape[0]):
         v = valid[d]
         n = int(v.sum())
@@ -144,42 +192,51 @@ def _portfolio_parts(*, y: np.ndarray, valid: np.ndarray, beta: np.ndarray, sigm
             pass
         lv = residual[1][d] > 0 if residual is not None else np.zeros(0, bool)
         ld, sl = (residual[0][d, v][:, lv], np.sqrt(residual[1][d, lv])) if lv.any() else (np.zeros((n, 0)), np.zeros(0))
-        if mu is not None:  # Σ⁻¹μ on the whole Σ: the residual factors are factors too
-            ports["mean_variance"] = mean_variance(mu[d, v].astype(np.float64), np.concatenate([b, ld], 1),
-                                                   np.concatenate([sz, sl]), sa)[None]
+        u, sbar = np.zeros(n), float(np.mean(sa**2))
+        if mu is not None:
+            md = mu[d, v].astype(np.float64)
+            u = alpha_loadings(md, np.concatenate([b, ld], 1))
+            ports["alpha"] = u[None]
+            if with_mean_variance:  # Σ⁻¹μ on the whole Σ: the residual and alpha factors are factors too
+                ports["mean_variance"] = mean_variance(md, np.concatenate([b, ld, u[:, None]], 1),
+                                                       np.concatenate([sz, sl, [math.sqrt(c_mu * sbar)]]), sa)[None]
         for name, w in ports.items():  # w (P, n)
-            rows[name].append((w @ yd, ((w @ b) * sz) ** 2, (w**2 * sa**2).sum(1), (((w @ ld) * sl) ** 2).sum(1)))
+            rows[name].append((w @ yd, ((w @ b) * sz) ** 2, (w**2 * sa**2).sum(1), (((w @ ld) * sl) ** 2).sum(1),
+                               sbar * (w @ u) ** 2))
     return {name: tuple(np.stack(part) for part in zip(*r)) for name, r in rows.items() if r}
 
 
-def _bias_each(parts: tuple[np.ndarray, ...], c_z: np.ndarray | float = 1.0, c_alpha: float = 1.0) -> np.ndarray:
-    """The bias statistic of each of the P portfolios of ``parts`` under c_z (K,) or scalar and c_α:
-    the std over days of r / √(Σ_k c_z,k f_k + g + c_α s); NaN with fewer than 3 days."""
-    r, f, s, g = parts
+def _bias_each(parts: tuple[np.ndarray, ...], c_z: np.ndarray | float = 1.0, c_alpha: float = 1.0,
+               c_mu: float = 0.0) -> np.ndarray:
+    """The bias statistic of each of the P portfolios of ``parts`` under c_z (K,) or scalar, c_α and c_μ:
+    the std over days of r / √(Σ_k c_z,k f_k + g + c_α s + c_μ h); NaN with fewer than 3 days."""
+    r, f, s, g, h = parts
     if r.shape[0] < 3:
         return np.full(r.shape[1], np.nan)
-    b = r / np.sqrt(np.maximum((f * c_z).sum(-1) + g + c_alpha * s, 1e-30))
+    b = r / np.sqrt(np.maximum((f * c_z).sum(-1) + g + c_alpha * s + c_mu * h, 1e-30))
     return b.std(axis=0, ddof=1)
 
 
-def _bias(parts: tuple[np.ndarray, ...], c_z: np.ndarray | float = 1.0, c_alpha: float = 1.0) -> float:
+def _bias(parts: tuple[np.ndarray, ...], c_z: np.ndarray | float = 1.0, c_alpha: float = 1.0,
+          c_mu: float = 0.0) -> float:
     """The bias statistic of a kind of portfolio: the mean of ``_bias_each`` over its portfolios."""
-    return float(np.mean(_bias_each(parts, c_z, c_alpha)))
+    return float(np.mean(_bias_each(parts, c_z, c_alpha, c_mu)))
 
 
 def bias_statistics(*, y: np.ndarray, valid: np.ndarray, mu: np.ndarray, beta: np.ndarray, sigma_z: np.ndarray,
                     sigma_alpha: np.ndarray, seed: int = 0,
-                    residual: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, float]:
+                    residual: tuple[np.ndarray, np.ndarray] | None = None, c_mu: float = 0.0) -> dict[str, float]:
     """Bias statistics over a segment: y, mu, sigma_alpha (D, N), valid (D, N), beta (D, N, K), sigma_z (D, K);
-    ``residual``: (L, λ) of ``residual_factors``, in Σ as they are.
+    ``residual``: (L, λ) of ``residual_factors``, in Σ as they are; ``c_mu``: the alpha factor's
+    variance in Σ, c_μ s̄ (0: no alpha factor, the raw model).
 
-    Returns {"random", "factor", "mean_variance"} (each the std over days of the standardised
+    Returns {"random", "factor", "alpha", "mean_variance"} (each the std over days of the standardised
     portfolio return; NaN with fewer than 3 usable days) and "days".
     """
     parts = _portfolio_parts(y=y, valid=valid, beta=beta, sigma_z=sigma_z, sigma_alpha=sigma_alpha, seed=seed,
-                             mu=mu, residual=residual)
-    out = {name: _bias(parts[name]) if name in parts else float("nan")
-           for name in ("random", "factor", "mean_variance")}
+                             mu=mu, residual=residual, c_mu=c_mu)
+    out = {name: _bias(parts[name], c_mu=c_mu) if name in parts else float("nan")
+           for name in ("random", "factor", "alpha", "mean_variance")}
     out["days"] = int(parts["random"][0].shape[0]) if "random" in parts else 0
     return out
 
@@ -188,37 +245,48 @@ CALIBRATION_RANGE = (1e-4, 1e4)  # bounds on c_z and c_α: beyond them the raw m
 
 
 def calibrate_risk(*, y: np.ndarray, valid: np.ndarray, beta: np.ndarray, sigma_z: np.ndarray,
-                   sigma_alpha: np.ndarray, seed: int = 0,
-                   residual: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, float | int | bool]:
+                   sigma_alpha: np.ndarray, seed: int = 0, mu: np.ndarray | None = None,
+                   residual: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
     """Fit c_z (factor variance) and c_α (specific variance) so that the random and factor-mimicking
     bias statistics of this segment are 1 (module docstring), with the residual factors ``residual``
-    (L, λ) in Σ unscaled when given. Shapes as in ``bias_statistics``.
+    (L, λ) in Σ unscaled when given; with the forecast ``mu`` also c_μ, the alpha factor's variance
+    c_μ s̄ (s̄ the day's mean calibrated σ_α²), so that the alpha portfolio's bias is 1. Shapes as in
+    ``bias_statistics``.
 
-    Returns {"c_z", "c_alpha", "days", "clipped" (a bound of CALIBRATION_RANGE binds), "residual"
-    (max |log B| left at the fit)}. Raises ValueError when the segment has fewer than 3 usable days.
+    Returns {"c_z", "c_alpha", "c_mu" (with ``mu``), "days", "clipped" (a bound of CALIBRATION_RANGE
+    binds c_z or c_α), "residual" (max |log B| left at the fit)}. Raises ValueError when the segment
+    has fewer than 3 usable days.
     """
     # imported here: importing fvae.risk stays cheap
     from scipy.optimize import least_squares
 
     parts = _portfolio_parts(y=y, valid=valid, beta=beta, sigma_z=sigma_z, sigma_alpha=sigma_alpha, seed=seed,
-                             residual=residual)
+                             mu=mu, residual=residual, with_mean_variance=False)
     K = beta.shape[-1]
     if "factor" not in parts or parts["random"][0].shape[0] < 3 or parts["factor"][0].shape[0] < 3:
         raise ValueError(f"calibrate_risk: needs at least 3 usable days (more than K + 2 = {K + 2} "
                          "stocks each) with random and factor-mimicking portfolios")
-    rand, fact = parts["random"], parts["factor"]
+    rand, fact, alpha = parts["random"], parts["factor"], parts.get("alpha")
+    J = K + 1 + (alpha is not None)  # unknowns: log c_z (K), log c_α and log c_μ with an alpha factor
 
-    def residual_fn(x: np.ndarray) -> np.ndarray:  # log B(e^x) of the K factor portfolios and the random ones: 0 at the fit
+    def residual_fn(x: np.ndarray) -> np.ndarray:  # log B(e^x) of the factor, random (and alpha) portfolios: 0 at the fit
         c = np.exp(x)
-        return np.log(np.append(_bias_each(fact, c[:K], c[K]), _bias(rand, c[:K], c[K])))
+        # s̄ of h is the raw σ_α²'s mean, so c_α c_μ h is the alpha factor's variance c_μ × the calibrated s̄
+        cm = c[K] * c[K + 1] if alpha is not None else 0.0
+        b = np.append(_bias_each(fact, c[:K], c[K], cm), _bias(rand, c[:K], c[K], cm))
+        return np.log(b if alpha is None else np.append(b, _bias(alpha, c[:K], c[K], cm)))
 
     lo, hi = (math.log(b) for b in CALIBRATION_RANGE)
-    fit = least_squares(residual_fn, np.zeros(K + 1), bounds=(np.full(K + 1, lo), np.full(K + 1, hi)), method="trf",
+    fit = least_squares(residual_fn, np.zeros(J), bounds=(np.full(J, lo), np.full(J, hi)), method="trf",
                         x_scale=1.0, xtol=1e-12, ftol=1e-12, gtol=1e-12)
     c = np.exp(fit.x)
-    clipped = bool(np.any(np.isclose(fit.x, lo, atol=1e-6) | np.isclose(fit.x, hi, atol=1e-6)))
-    return {"c_z": [float(v) for v in c[:K]], "c_alpha": float(c[K]), "days": int(rand[0].shape[0]),
-            "clipped": clipped, "residual": float(np.max(np.abs(residual_fn(fit.x))))}
+    # c_μ at its lower bound is an answer (the alpha portfolio's risk is already explained), not a failure
+    clipped = bool(np.any(np.isclose(fit.x[:K + 1], lo, atol=1e-6) | np.isclose(fit.x[:K + 1], hi, atol=1e-6)))
+    out: dict[str, Any] = {"c_z": [float(v) for v in c[:K]], "c_alpha": float(c[K])}
+    if alpha is not None:
+        out["c_mu"] = float(c[K + 1])
+    return {**out, "days": int(rand[0].shape[0]), "clipped": clipped,
+            "residual": float(np.max(np.abs(residual_fn(fit.x))))}
 
 
 def apply_calibration(*, sigma_z: np.ndarray, sigma_alpha: np.ndarray, c_z: float | list[float],

@@ -13,18 +13,20 @@ RUN_DIR receives:
     checkpoints/last/         state.pt: model, optimizer, schedule, epoch, RNG, config, data fingerprint
     best.pt                   best-epoch weights by validation Rank ICIR, with config and fingerprint
     tb/                       TensorBoard scalars per epoch and an hparams record
-    pred_{valid,test}.parquet (datetime, instrument) -> score, sigma, sigma_alpha, beta_k, resid_beta_p:
-                              one row per stock-day; σ's are the raw model's (the calibrated Σ
+    pred_{valid,test}.parquet (datetime, instrument) -> score, sigma, sigma_alpha, beta_k, resid_beta_p,
+                              alpha_u: one row per stock-day; σ's are the raw model's (the calibrated Σ
                               multiplies σ_z,k² by c_z[k] and σ_α² by c_alpha from metrics.json's
-                              risk_calibration, and adds the residual factors resid_beta_p)
+                              risk_calibration, and adds the residual factors resid_beta_p and the
+                              alpha factor alpha_u)
     pred_{valid,test}.pkl     the same scores in qlib's pred.pkl layout
-    factors_{valid,test}.parquet  per-day prior factor distribution (mu_z_k, sigma_z_k) and the
-                              residual factors' std (resid_sigma_p)
+    factors_{valid,test}.parquet  per-day prior factor distribution (mu_z_k, sigma_z_k), the
+                              residual factors' std (resid_sigma_p) and the alpha factor's (alpha_sigma)
     metrics.json              ic, icir, rank_ic, rank_icir for valid and test, plus the epoch history;
                               risk: bias statistics per segment of the raw Σ; risk_calibration: the scalars
-                              c_z (one per factor), c_alpha fit on the validation segment with the
-                              residual factors in Σ (fvae.risk.calibrate_risk) and risk_calibrated: the
-                              bias statistics of the calibrated Σ per segment
+                              c_z (one per factor), c_alpha and c_mu (the alpha factor) fit on the
+                              validation segment with the residual factors in Σ
+                              (fvae.risk.calibrate_risk) and risk_calibrated: the bias statistics of the
+                              calibrated Σ per segment
     curves.png                training curves
 """
 
@@ -56,7 +58,7 @@ from fvae.metrics import daily_ic, daily_rank_ic, summarize
 from fvae.model import FactorVAE, ModelConfig
 from fvae.progress import step_bar
 from fvae.ray_local import RayStartError, sigterm_as_sigint
-from fvae.risk import (ACTIVE_KL, RESIDUAL_WINDOW, apply_calibration, beta_span_r2, bias_statistics,
+from fvae.risk import (ACTIVE_KL, RESIDUAL_WINDOW, alpha_factor, apply_calibration, beta_span_r2, bias_statistics,
                        calibrate_risk, canonical_correlations, oracle_factors, residual_factors)
 
 
@@ -827,7 +829,7 @@ def write_run_outputs(model: FactorVAE, cfg: Config, meta: Meta, *, data: Path, 
         if cal is not None:
             metrics.setdefault("risk_calibrated", {})[seg] = risk_bias(panel, pred, seed=cfg.train.seed,
                                                                        calibration=cal, residual=resid)
-        write_predictions(out, seg, panel, pred, residual=resid)
+        write_predictions(out, seg, panel, pred, residual=resid, alpha=segment_alpha_factor(panel, pred, cal, resid))
         if extra:
             metrics["factor_recovery"] = {seg: factor_recovery(model, data, panel, pred, truth=extra, cfg=cfg)}
     metrics.update({"best_epoch": best["epoch"], "epochs_run": len(history), "history": history,
@@ -874,7 +876,20 @@ def risk_bias(panel: Panel, pred: dict[str, torch.Tensor], *, seed: int, calibra
         sigma_z, sigma_alpha = apply_calibration(sigma_z=sigma_z, sigma_alpha=sigma_alpha,
                                                  c_z=calibration["c_z"], c_alpha=calibration["c_alpha"])
     return bias_statistics(y=_np(panel.label), valid=_np(panel.valid), mu=_np(pred["mu"]), beta=_np(pred["beta"]),
-                           sigma_z=sigma_z, sigma_alpha=sigma_alpha, seed=seed, residual=residual)
+                           sigma_z=sigma_z, sigma_alpha=sigma_alpha, seed=seed, residual=residual,
+                           c_mu=float(calibration.get("c_mu", 0.0)) if calibration is not None else 0.0)
+
+
+def segment_alpha_factor(panel: Panel, pred: dict[str, torch.Tensor], cal: dict[str, Any] | None,
+                         residual: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """The calibrated Σ's alpha factor on the segment's days: loadings u (D, N) (``fvae.risk.alpha_factor``)
+    and std (D,) √(c_μ s̄), s̄ the day's mean calibrated σ_α²; None without a calibration that has c_μ."""
+    if cal is None or "c_mu" not in cal:
+        return None
+    valid, sa = _np(panel.valid), _np(pred["sigma_alpha"]).astype(np.float64)
+    u = alpha_factor(mu=_np(pred["mu"]), valid=valid, beta=_np(pred["beta"]), residual=residual)
+    sbar = cal["c_alpha"] * (np.where(valid, sa**2, 0.0).sum(1) / np.maximum(valid.sum(1), 1))
+    return u, np.sqrt(cal["c_mu"] * sbar)
 
 
 def fit_risk_calibration(panel: Panel, pred: dict[str, torch.Tensor], *, seed: int,
@@ -884,13 +899,14 @@ def fit_risk_calibration(panel: Panel, pred: dict[str, torch.Tensor], *, seed: i
     try:
         cal = calibrate_risk(y=_np(panel.label), valid=_np(panel.valid), beta=_np(pred["beta"]),
                              sigma_z=_np(pred["sigma_z"]), sigma_alpha=_np(pred["sigma_alpha"]), seed=seed,
-                             residual=residual)
+                             mu=_np(pred["mu"]), residual=residual)
     except ValueError as e:
         print(f"[fvae] note: no risk calibration ({e})", flush=True)
         return None
     cz = np.asarray(cal["c_z"])
     print(f"[fvae] risk calibration on valid: factor variances x{cz.min():.3g}..{cz.max():.3g}, specific variance "
-          f"x{cal['c_alpha']:.3g}, {0 if residual is None else residual[1].shape[-1]} residual factors"
+          f"x{cal['c_alpha']:.3g}, alpha factor variance x{cal['c_mu']:.3g}, "
+          f"{0 if residual is None else residual[1].shape[-1]} residual factors"
           f"{' (clipped at a bound)' if cal['clipped'] else ''}", flush=True)
     return {**cal, "fit_segment": "valid"}
 
@@ -928,7 +944,8 @@ def factor_recovery(model: FactorVAE, data: Path, panel: Panel, pred: dict[str, 
 
 
 def write_predictions(out: Path, seg: str, panel: Panel, pred: dict[str, torch.Tensor],
-                      residual: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+                      residual: tuple[np.ndarray, np.ndarray] | None = None,
+                      alpha: tuple[np.ndarray, np.ndarray] | None = None) -> None:
     valid = panel.valid.cpu().numpy()
     dd, nn = np.nonzero(valid)
     K = pred["beta"].shape[-1]
@@ -943,6 +960,8 @@ def write_predictions(out: Path, seg: str, panel: Panel, pred: dict[str, torch.T
     if residual is not None:  # the residual factors' loadings (unit-norm per day; 0 where a day has none)
         for p in range(residual[0].shape[-1]):
             df[f"resid_beta_{p}"] = residual[0][dd, nn, p].astype(np.float32)
+    if alpha is not None:  # the alpha factor's loadings u (unit-norm per day)
+        df["alpha_u"] = alpha[0][dd, nn].astype(np.float32)
     atomic_to_parquet(out / f"pred_{seg}.parquet", df)
     atomic_to_pickle(out / f"pred_{seg}.pkl", df.set_index(["datetime", "instrument"])[["score"]])
     fz = pd.DataFrame({"datetime": panel.dates})
@@ -953,6 +972,8 @@ def write_predictions(out: Path, seg: str, panel: Panel, pred: dict[str, torch.T
     if residual is not None:
         for p in range(residual[1].shape[-1]):
             fz[f"resid_sigma_{p}"] = np.sqrt(residual[1][:, p])
+    if alpha is not None:  # its calibrated std √(c_μ s̄)
+        fz["alpha_sigma"] = alpha[1]
     atomic_to_parquet(out / f"factors_{seg}.parquet", fz)
 
 

@@ -234,10 +234,11 @@ def test_mean_variance_uses_the_runs_calibrated_risk_model(constant_universe, tm
         bt.run_backtest(run, out=tmp_path / "bad", cfg=mv, progress=False)
 
 
-def test_mean_variance_adds_the_calibrations_residual_factors(constant_universe, tmp_path, capsys):
-    """A calibration with residual factors (per-factor c_z): the books are those of the raw model on
-    prediction files whose β and σ_z carry the residual factors as extra factors, scaled by hand;
-    a calibration whose residual factors the files lack is an error naming both."""
+def test_mean_variance_adds_the_calibrations_residual_and_alpha_factors(constant_universe, tmp_path, capsys):
+    """A calibration with residual factors and an alpha factor (per-factor c_z, c_mu): the books are
+    those of the raw model on prediction files whose β and σ_z carry the residual factors and the alpha
+    factor as extra factors, scaled by hand; a calibration whose residual or alpha factors the files
+    lack is an error naming both."""
     run, hand = tmp_path / "run", tmp_path / "hand"
     run.mkdir()
     hand.mkdir()
@@ -249,24 +250,32 @@ def test_mean_variance_adds_the_calibrations_residual_factors(constant_universe,
     for q in range(P):
         pred[f"resid_beta_{q}"] = rng.standard_normal(len(pred)) / np.sqrt(40)
         fz[f"resid_sigma_{q}"] = [0.0, *rng.uniform(0.5, 2.0, len(fz) - 1)]  # the first day has none
+    pred["alpha_u"] = rng.standard_normal(len(pred)) / np.sqrt(40)
+    fz["alpha_sigma"] = rng.uniform(0.5, 2.0, len(fz))
     pred.to_parquet(run / "pred_test.parquet", index=False)
     fz.to_parquet(run / "factors_test.parquet", index=False)
     (run / "metrics.json").write_text(json.dumps({"risk_calibration": {
-        "c_z": c_z, "c_alpha": c_alpha, "days": 6, "fit_segment": "valid", "residual_factors": P}}))
+        "c_z": c_z, "c_alpha": c_alpha, "days": 6, "fit_segment": "valid", "residual_factors": P, "c_mu": 2.0}}))
     by_hand = pred.assign(sigma_alpha=pred["sigma_alpha"] * np.sqrt(c_alpha),
-                          **{f"beta_{K_FACTORS + q}": pred[f"resid_beta_{q}"] for q in range(P)})
-    by_hand.drop(columns=[f"resid_beta_{q}" for q in range(P)]).to_parquet(hand / "pred_test.parquet")
+                          **{f"beta_{K_FACTORS + q}": pred[f"resid_beta_{q}"] for q in range(P)},
+                          **{f"beta_{K_FACTORS + P}": pred["alpha_u"]})
+    by_hand.drop(columns=[*(f"resid_beta_{q}" for q in range(P)), "alpha_u"]).to_parquet(hand / "pred_test.parquet")
     fz_hand = fz.assign(**{f"sigma_z_{k}": fz[f"sigma_z_{k}"] * np.sqrt(c) for k, c in enumerate(c_z)},
-                        **{f"sigma_z_{K_FACTORS + q}": fz[f"resid_sigma_{q}"] for q in range(P)})
-    fz_hand.drop(columns=[f"resid_sigma_{q}" for q in range(P)]).to_parquet(hand / "factors_test.parquet")
+                        **{f"sigma_z_{K_FACTORS + q}": fz[f"resid_sigma_{q}"] for q in range(P)},
+                        **{f"sigma_z_{K_FACTORS + P}": fz["alpha_sigma"]})
+    fz_hand.drop(columns=[*(f"resid_sigma_{q}" for q in range(P)), "alpha_sigma"]).to_parquet(
+        hand / "factors_test.parquet")
     mv = bt.BacktestConfig(strategies=("mv",), max_weight=0.1)
     res = bt.run_backtest(run, out=tmp_path / "cal", cfg=mv, progress=True)
-    assert "mean-variance risk model: calibrated Σ (c_z 0.5..4 (3 factors), c_alpha 0.25, 2 residual factors)" \
+    assert "mean-variance risk model: calibrated Σ (c_z 0.5..4 (3 factors), c_alpha 0.25, 2 residual factors, alpha factor c_mu 2)" \
         in capsys.readouterr().out
     assert res["risk_model"]["sigma"] == "calibrated" and res["risk_model"]["residual_factors"] == P
-    assert res["risk_model"]["c_z"] == c_z
+    assert res["risk_model"]["c_z"] == c_z and res["risk_model"]["c_mu"] == 2.0
     assert bt.run_backtest(hand, out=tmp_path / "h", cfg=mv, progress=False)["risk_model"]["sigma"] == "raw"
     np.testing.assert_allclose(_holdings(tmp_path / "cal"), _holdings(tmp_path / "h"), atol=1e-9)
+    pred.drop(columns=["alpha_u"]).to_parquet(run / "pred_test.parquet", index=False)
+    with pytest.raises(DataError, match=r"metrics.json: risk_calibration has an alpha factor \(c_mu\), but .*pred_test"):
+        bt.run_backtest(run, out=tmp_path / "bad", cfg=mv, progress=False)
     pred.drop(columns=["resid_beta_1"]).to_parquet(run / "pred_test.parquet", index=False)
     with pytest.raises(DataError, match=r"metrics.json: risk_calibration has 2 residual factors, but .*pred_test"):
         bt.run_backtest(run, out=tmp_path / "bad", cfg=mv, progress=False)

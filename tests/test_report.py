@@ -354,22 +354,23 @@ def test_risk_posterior_and_recovery_tables_show_the_runs_numbers(tiny_run, tmp_
         r = metrics["risk"][seg]
         row = re.search(rf"<tr><td>{seg}</td>(.*?)</tr>", risk).group(1)
         cells = re.findall(r"<td( class=\"off\")?>(.*?)</td>", row)
-        assert len(cells) == 4
-        for (off, text), key in zip(cells, ("random", "factor", "mean_variance")):
+        assert len(cells) == 5
+        for (off, text), key in zip(cells, ("random", "factor", "alpha", "mean_variance")):
             v = r[key]
             assert f"{v:.3f}" in text, (seg, key)
             assert bool(off) == (not 0.8 <= v <= 1.25), (seg, key, v)
-        assert cells[3][1] == str(r["days"])
+        assert cells[4][1] == str(r["days"])
     # and of the calibrated Σ, with the scalars fit on the validation segment
     cal = metrics["risk_calibration"]
     cz = f"{min(cal['c_z']):.3g} … {max(cal['c_z']):.3g} ({len(cal['c_z'])} factors)"
     assert f"c_z = <b>{cz}</b>" in risk and f"c_α = <b>{cal['c_alpha']:.3g}</b>" in risk
+    assert f"c_μ = <b>{cal['c_mu']:.3g}</b> (alpha factor)" in risk and "u the alpha factor" in risk
     assert f"with {cal['residual_factors']} residual factors" in risk and cal["residual_factors"] == 10
     for seg in ("valid", "test"):
         row = re.search(rf"<tr><td>{seg} \(calibrated\)</td>(.*?)</tr>", risk).group(1)
         cells = re.findall(r"<td(?: class=\"off\")?>(.*?)</td>", row)
-        assert [c.split(" ")[0] for c in cells[:3]] == [f"{metrics['risk_calibrated'][seg][k]:.3f}"
-                                                        for k in ("random", "factor", "mean_variance")]
+        assert [c.split(" ")[0] for c in cells[:4]] == [f"{metrics['risk_calibrated'][seg][k]:.3f}"
+                                                        for k in ("random", "factor", "alpha", "mean_variance")]
 
     # posterior: one row per epoch, the forecast's and the posterior's Rank IC, the verdict at the best epoch
     post = _section(page, "posterior")

@@ -181,3 +181,38 @@ def test_residual_factors_put_a_missing_factors_risk_back_into_mean_variance():
     assert without["mean_variance"] > 2.0, without
     for name in ("random", "factor", "mean_variance"):
         assert with_resid[name] == pytest.approx(1.0, abs=0.15), (name, with_resid)
+
+
+def test_alpha_factor_puts_the_forecasts_own_risk_into_mean_variance():
+    """A forecast that leans on a co-movement no fixed loading describes (a style whose loadings g_t
+    are new each day, as an alpha's are): the residual factors cannot find it, so the forecast's own
+    mean-variance portfolio carries far more risk than Σ_c predicts. With the alpha factor (μ ⊥ the
+    factors, its variance c_μ s̄ fit on the first 300 days so that the alpha portfolio's bias is 1),
+    c_μ is the planted variance and the mean-variance portfolio is predicted right on the 100 days the
+    fit never saw."""
+    m, _ = _planted(D=400, N=80, seed=6)
+    rng = np.random.default_rng(7)
+    g = rng.standard_normal((400, 80))
+    h = 0.6 * rng.standard_normal(400)
+    m["y"] = m["y"] + h[:, None] * g
+    m["mu"] = 0.1 * g + 0.05 * rng.standard_normal((400, 80))
+    fit, held = slice(0, 300), slice(300, 400)
+    part = lambda seg: {k: v[seg] for k, v in m.items()}  # noqa: E731
+
+    def check(with_alpha: bool) -> tuple[dict, dict]:
+        cal = risk.calibrate_risk(**(part(fit) if with_alpha else _risk_inputs(part(fit))))
+        sz, sa = risk.apply_calibration(sigma_z=m["sigma_z"][held], sigma_alpha=m["sigma_alpha"][held],
+                                        c_z=cal["c_z"], c_alpha=cal["c_alpha"])
+        return cal, risk.bias_statistics(**{**part(held), "sigma_z": sz, "sigma_alpha": sa},
+                                         c_mu=cal.get("c_mu", 0.0))
+
+    (cal0, without), (cal, with_alpha) = check(False), check(True)
+    assert "c_mu" not in cal0 and without["mean_variance"] > 1.5 and without["alpha"] > 2.0, without
+    for name in ("random", "factor", "alpha", "mean_variance"):
+        assert with_alpha[name] == pytest.approx(1.0, abs=0.15), (name, with_alpha)
+    # c_μ s̄ is the planted variance on u: 0.36 (g_tᵀu_t)², s̄ the day's mean calibrated σ_α²
+    u = risk.alpha_factor(mu=m["mu"][fit], valid=m["valid"][fit], beta=m["beta"][fit])
+    np.testing.assert_allclose(np.linalg.norm(u, axis=1), 1.0)
+    assert np.abs(np.einsum("dnk,dn->dk", m["beta"][fit], u)).max() < 1e-9  # u ⊥ β
+    planted = 0.36 * np.einsum("dn,dn->d", g[fit], u) ** 2 / (cal["c_alpha"] * (m["sigma_alpha"][fit] ** 2).mean(1))
+    assert cal["c_mu"] == pytest.approx(planted.mean(), rel=0.25)

@@ -55,9 +55,17 @@ def test_metrics_carry_the_risk_calibration_fit_on_valid(debug_run):
         (risk.RESIDUAL_FACTORS, risk.RESIDUAL_WINDOW, 1)
     assert set(metrics["risk_calibrated"]) == set(metrics["risk"]) == {"valid", "test"}
     assert not cal["clipped"] and cal["residual"] < 1e-6, cal
-    for name in ("random", "factor"):
+    # and the alpha factor's variance c_μ, fit so that the alpha portfolio's bias is 1 too
+    assert lo <= cal["c_mu"] <= hi
+    for name in ("random", "factor", "alpha"):
         assert metrics["risk_calibrated"]["valid"][name] == pytest.approx(1.0, abs=1e-6), metrics["risk_calibrated"]
     assert metrics["risk_calibrated"]["test"]["days"] == metrics["risk"]["test"]["days"]
+    # the prediction files carry the alpha factor: unit-norm loadings per day, its calibrated std per day
+    pred = pd.read_parquet(debug_run[0] / "pred_valid.parquet")
+    np.testing.assert_allclose(np.sqrt((pred["alpha_u"] ** 2).groupby(pred["datetime"]).sum()), 1.0, rtol=1e-4)
+    sigma_u = pd.read_parquet(debug_run[0] / "factors_valid.parquet").set_index("datetime")["alpha_sigma"]
+    sbar = cal["c_alpha"] * (pred["sigma_alpha"] ** 2).groupby(pred["datetime"]).mean()
+    np.testing.assert_allclose(sigma_u.loc[sbar.index], np.sqrt(cal["c_mu"] * sbar), rtol=1e-5)
 
 
 def test_predictions_cover_every_test_stock_day(debug_run, tiny_market):
