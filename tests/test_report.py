@@ -81,7 +81,8 @@ def test_run_report_renders_in_chromium(tiny_run, tmp_path):
     assert json.loads((tiny_run / "backtest" / "backtest.json").read_text())["risk_model"]["sigma"] == "calibrated"
     cz = f"{min(cal['c_z']):.3g} … {max(cal['c_z']):.3g} ({len(cal['c_z'])} factors)"
     assert f"Mean-variance risk model: the calibrated Σ (c_z {cz}, c_α {cal['c_alpha']:.3g}, " \
-           f"{cal['residual_factors']} residual factors)" in _section(page, "equity")
+           f"{cal['residual_factors']} residual factors, an alpha factor)" in _section(page, "equity")
+    assert json.loads((tiny_run / "backtest" / "backtest.json").read_text())["risk_model"]["c_mu"] == cal["c_mu"]
     section = dom.split('<section id="search">')[1]
     assert "Not available because this is a single training run" in section
     assert "sector analysis was skipped" in dom  # synthetic tickers
