@@ -135,7 +135,7 @@ def alpha_loadings(mu: np.ndarray, factors: np.ndarray) -> np.ndarray:
     """The alpha factor's loadings u (n,) of one day: the forecast μ (n,) orthogonal to the day's factor
     loadings ``factors`` (n, F) (β and the residual factors' L), scaled to ‖u‖ = 1; 0 when μ is in
     their span."""
-    u = mu - factors @ np.linalg.lstsq(factors, mu, rcond=None)[0] if factors.shape[1] else mu - 0.0
+    u = mu - factors @ np.linalg.lstsq(factors, mu, rcond=None)[0] if factors.shape[1] else mu.copy()
     norm = np.linalg.norm(u)
     return u / norm if norm > 1e-12 * max(1.0, float(np.linalg.norm(mu))) else np.zeros_like(u)
 
